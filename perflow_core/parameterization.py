@@ -1,0 +1,85 @@
+"""The PeRFlow parameterisations: raw network output -> velocity and predicted window end.
+
+Every parameterisation amounts to predicting the window end ``z_e = lambda_t * z + eta_t * o`` from
+the current sample ``z`` and the raw output ``o``; the velocity of the straight path is then
+``v = (z_e - z) / (t_e - t_c)`` (Yan et al. 2024, Sec. 3; ``src/scheduler_perflow.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .segments import Window
+
+PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
+# Before April 2024 the original called ``diff_eps`` "epsilon"; diffusers' v-prediction configs
+# map onto PeRFlow's velocity models (SD2.1).
+PREDICTION_TYPE_ALIASES = {"epsilon": "diff_eps", "v_prediction": "velocity"}
+
+_EPS = 1e-12
+
+
+def canonical_prediction_type(prediction_type: str) -> str:
+    """Resolve legacy names (``epsilon`` -> ``diff_eps``) and reject unknown ones."""
+    name = PREDICTION_TYPE_ALIASES.get(prediction_type, prediction_type)
+    if name not in PREDICTION_TYPES:
+        accepted = ", ".join(PREDICTION_TYPES + tuple(PREDICTION_TYPE_ALIASES))
+        raise ValueError(f"prediction_type must be one of {accepted}; got {prediction_type!r}")
+    return name
+
+
+def window_start_coefficients(prediction_type: str, alpha_start: float, alpha_end: float) -> tuple[float, float]:
+    """``(lambda_s, eta_s)`` of the window-end prediction at the window start."""
+    if prediction_type == "ddim_eps":
+        # One DDIM step from the window start to its end, o read as the usual epsilon.
+        lam = math.sqrt(alpha_end / max(alpha_start, _EPS))
+        eta = math.sqrt(max(1 - alpha_end, 0.0)) - math.sqrt(alpha_end * (1 - alpha_start) / max(alpha_start, _EPS))
+        return lam, eta
+    if prediction_type == "diff_eps":
+        # o is the noise of the process that takes the window end to the window start, g = sqrt(a_s / a_e).
+        g = math.sqrt(alpha_start / max(alpha_end, _EPS))
+        return 1 / max(g, _EPS), -math.sqrt(max(1 - g * g, 0.0)) / max(g, _EPS)
+    raise ValueError(f"window coefficients exist for ddim_eps and diff_eps, not {prediction_type!r}")
+
+
+def window_end_coefficients(prediction_type: str, window: Window) -> tuple[float, float]:
+    """``(lambda_t, eta_t)`` at the current time t_c inside the window."""
+    lam_s, eta_s = window_start_coefficients(prediction_type, window.alpha_start, window.alpha_end)
+    t_s, t_e, t_c = window.t_start, window.t_end, window.t
+    denominator = lam_s * (t_c - t_s) + (t_e - t_c)
+    denominator = math.copysign(max(abs(denominator), _EPS), denominator)
+    return lam_s * (t_e - t_s) / denominator, eta_s * (t_e - t_c) / denominator
+
+
+def time_to_window_end(window: Window) -> float:
+    """``t_e - t_c`` (negative), kept away from zero."""
+    return min(window.t_end - window.t, -_EPS)
+
+
+def velocity_and_window_end(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, window: Window
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The velocity of the straight path and the window end it predicts."""
+    remaining = time_to_window_end(window)
+    if prediction_type == "velocity":
+        return model_output, sample + remaining * model_output
+    lam, eta = window_end_coefficients(prediction_type, window)
+    window_end = lam * sample + eta * model_output
+    return (window_end - sample) / remaining, window_end
+
+
+def clean_estimate(sample: torch.Tensor, velocity: torch.Tensor, window: Window) -> torch.Tensor:
+    """An x0 estimate for previews: the clean image on the DDIM trajectory through the window's ends.
+
+    The straight line gives the window's start and end, ``z_s`` and ``z_e``. Taking both on one
+    deterministic DDIM trajectory (Song et al. 2021, eq. 12: ``z = sqrt(a) x0 + sqrt(1-a) eps`` with the
+    same x0 and eps) leaves two equations in x0 and eps; this solves them for x0.
+    """
+    z_start = sample + (window.t_start - window.t) * velocity
+    z_end = sample + (window.t_end - window.t) * velocity
+    a_s, a_e = window.alpha_start, window.alpha_end
+    noise_s, noise_e = math.sqrt(1 - a_s), math.sqrt(1 - a_e)
+    determinant = math.sqrt(a_e) * noise_s - math.sqrt(a_s) * noise_e
+    return (noise_s * z_end - noise_e * z_start) / max(determinant, _EPS)

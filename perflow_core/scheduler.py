@@ -1,0 +1,434 @@
+"""`PerflowScheduler`: the PeRFlow sampler as a diffusers scheduler."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .noise_schedule import _betas_for
+from .parameterization import canonical_prediction_type
+from .segments import Segments, Window, validate_num_segments
+from .solver import perflow_step
+from .theta import as_theta, theta_to_list
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "0.1"
+STATE_DICT_PERFLOW_KEYS = ("theta", "segments", "segment_boundaries", "version", "prediction_type")
+LEGACY_THETA_FILES = ("scheduler_state.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class PerflowSchedulerOutput(BaseOutput):
+    """Output of [`PerflowScheduler.step`].
+
+    Args:
+        prev_sample (`torch.Tensor`):
+            The sample at the next timestep; feed it to the model next.
+        pred_original_sample (`torch.Tensor`):
+            An estimate of the clean sample, for previews: the x0 of the DDIM trajectory through the
+            current window's predicted start and end (the original PeRFlow returns `None` here).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class PerflowScheduler(SchedulerMixin, ConfigMixin):
+    """Piecewise Rectified Flow (Yan et al., NeurIPS 2024) sampling, with a learned per-segment correction.
+
+    The probability-flow path from noise (t = 1) to data (t = 0) is cut into K segments (time windows);
+    inside each the model's prediction defines a straight line that is followed with Euler steps. With
+    `theta = 0` and uniform segments this reproduces the original `PeRFlowScheduler` step for step.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000):
+            Number of training timesteps T; the model sees timesteps `t * T`.
+        segments (`int`, *optional*, defaults to 4):
+            Number of uniform segments K (ignored in favour of `segment_boundaries` when those are given).
+        segment_boundaries (`List[float]`, *optional*):
+            Strictly decreasing training timesteps from T (or T - 1, which means the same) to 0, e.g.
+            `[999, 750, 500, 250, 0]`.
+        theta_init (`List[List[float]]`, *optional*):
+            The per-segment correction theta, `[K]` or `[K, P]` with P <= 3 (see `perflow_core.theta`). None means 0.
+        learn_theta (`bool`, defaults to `False`):
+            Make `theta` a tensor that requires grad, so that losses on the samples can be back-propagated
+            into it.
+        prediction_type (`str`, defaults to `"ddim_eps"`):
+            `ddim_eps`, `diff_eps` or `velocity`; `epsilon` is the original's pre-2024 name of `diff_eps`
+            and `v_prediction` maps to `velocity`.
+        beta_start (`float`, defaults to 0.00085), beta_end (`float`, defaults to 0.012),
+        beta_schedule (`str`, defaults to `"scaled_linear"`), trained_betas (*optional*):
+            The training noise schedule, as in diffusers' DDPM scheduler.
+        num_time_windows (`int`, *optional*):
+            The original's name for `segments` (kept so original configs load).
+        t_noise (`float`, defaults to 1), t_clean (`float`, defaults to 0):
+            The original's path ends; only 1 and 0 are supported.
+        set_alpha_to_one (`bool`, defaults to `False`):
+            Accepted for compatibility with the original's config; like the original, PeRFlow does not use it.
+        version (`str`, defaults to `"0.1"`):
+            Format version of the PeRFlow settings.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        segments: Optional[int] = None,
+        segment_boundaries: Optional[List[float]] = None,
+        theta_init: Optional[Union[List[float], List[List[float]]]] = None,
+        learn_theta: bool = False,
+        prediction_type: str = "ddim_eps",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        num_time_windows: Optional[int] = None,
+        t_noise: float = 1.0,
+        t_clean: float = 0.0,
+        set_alpha_to_one: bool = False,
+        version: str = FORMAT_VERSION,
+    ):
+        if t_noise != 1 or t_clean != 0:
+            raise ValueError(f"t_noise must be 1 and t_clean 0 (PeRFlow's path ends); got t_noise={t_noise}, t_clean={t_clean}")
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        self.segments = _build_segments(num_train_timesteps, segments, segment_boundaries, num_time_windows)
+        self.betas = _betas_for(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.theta = as_theta(theta_init, len(self.segments), name="theta_init")
+        if learn_theta:
+            self.theta.requires_grad_(True)
+        if trained_betas is not None:
+            self.register_to_config(trained_betas=[float(b) for b in np.asarray(trained_betas).ravel()])
+        self.register_to_config(
+            segments=len(self.segments),
+            segment_boundaries=None if segment_boundaries is None else self.segments.boundaries,
+            theta_init=None if theta_init is None else theta_to_list(self.theta),
+        )
+        self.timesteps: Optional[torch.Tensor] = None
+        self.num_inference_steps: Optional[int] = None
+        self._windows: List[Window] = []
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+        self._previous: Optional[Tuple[int, torch.Tensor]] = None
+
+    @classmethod
+    def from_config(cls, config: Union[Dict[str, Any], Any] = None, return_unused_kwargs: bool = False, **kwargs):
+        """Like [`ConfigMixin.from_config`]; also takes the seed format's `{"class": "PerflowScheduler", ...}`."""
+        if isinstance(config, dict) and "class" in config:
+            config = dict(config)
+            named = config.pop("class")
+            if named != cls.__name__:
+                raise ValueError(f"config 'class' is {named!r}; this loader reads {cls.__name__!r} configs")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- theta
+    def set_theta(self, theta: Any) -> None:
+        """Replace theta (validated: `[K]` or `[K, P]`, finite) and record it in the config."""
+        new_theta = as_theta(theta, len(self.segments))
+        if self.config.learn_theta:
+            new_theta.requires_grad_(True)
+        self.theta = new_theta
+        self.register_to_config(theta_init=theta_to_list(new_theta))
+
+    # ----------------------------------------------------------------------------------- time steps
+    @property
+    def step_index(self) -> Optional[int]:
+        """Index of the next step in `timesteps` (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        """First step index, set by img2img pipelines through `set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start sampling at `timesteps[begin_index]` (diffusers' img2img pipelines call this)."""
+        self._begin_index = begin_index
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[List[int]] = None,
+        sigmas: Optional[List[float]] = None,
+    ) -> None:
+        """Set the timesteps of the sampling loop.
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                Number of model calls. Raised to the number of segments K (with a warning) if smaller;
+                segment k gets `n // K` steps and the first `n % K` segments one more, spaced like the original.
+            device (`str` or `torch.device`, *optional*):
+                Where to put `timesteps`.
+            timesteps (`List[int]`, *optional*):
+                Explicit strictly decreasing integer timesteps in (0, T] instead of `num_inference_steps`.
+            sigmas:
+                Not supported: PeRFlow steps in time windows, not on a sigma grid.
+        """
+        if sigmas is not None:
+            raise ValueError("PerflowScheduler does not take `sigmas`; pass `num_inference_steps` or `timesteps`")
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
+        if timesteps is not None:
+            grid = _validate_timesteps(timesteps, self.config.num_train_timesteps)
+        else:
+            grid = self.segments.timesteps(self._at_least_one_step_per_segment(num_inference_steps))
+        self.timesteps = torch.from_numpy(grid).to(device)
+        self.num_inference_steps = len(grid)
+        self._windows = [self._window(grid[i], grid[i + 1] if i + 1 < len(grid) else 0) for i in range(len(grid))]
+        self._step_index = None
+        self._begin_index = None
+        self._previous = None
+
+    def _at_least_one_step_per_segment(self, num_inference_steps: int) -> int:
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a whole number >= 1; got {num_inference_steps!r}")
+        if num_inference_steps < len(self.segments):
+            logger.warning(
+                "num_inference_steps=%d is below the number of segments %d; using %d (one step per segment)",
+                num_inference_steps,
+                len(self.segments),
+                len(self.segments),
+            )
+            return len(self.segments)
+        return int(num_inference_steps)
+
+    def _window(self, timestep: float, next_timestep: float) -> Window:
+        return self.segments.window(float(timestep), float(next_timestep), self.alphas_cumprod)
+
+    def index_for_timestep(self, timestep: Union[int, torch.Tensor], schedule_timesteps: Optional[torch.Tensor] = None) -> int:
+        """Position of `timestep` in the schedule; -1 when it is not on it."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        matches = (schedule == _as_number(timestep)).nonzero()
+        return int(matches[0]) if len(matches) else -1
+
+    def _locate(self, timestep: float) -> Tuple[int, Window]:
+        """The step index and window for `timestep`: the expected next step, else looked up by value."""
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else max(self.index_for_timestep(timestep), 0)
+        index = self._step_index
+        if index < len(self._windows) and float(self.timesteps[index]) == timestep:
+            return index, self._windows[index]
+        index = self.index_for_timestep(timestep)
+        if index >= 0:
+            return index, self._windows[index]
+        later = self.timesteps[self.timesteps < timestep]
+        return -1, self._window(timestep, float(later[0]) if len(later) else 0.0)
+
+    # ------------------------------------------------------------------------------------------ step
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """PeRFlow feeds the sample as it is."""
+        return sample
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+        eta: float = 0.0,
+        use_clipped_model_output: Optional[bool] = None,
+    ) -> Union[PerflowSchedulerOutput, Tuple]:
+        """Advance the sample from `timestep` to the next timestep of the schedule (0 after the last).
+
+        Args:
+            model_output (`torch.Tensor`): the raw output of the model at (`sample`, `timestep`).
+            timestep (`int` or `torch.Tensor`): the current timestep, normally `timesteps[step_index]`.
+            sample (`torch.Tensor`): the current sample.
+            generator: unused (the step is deterministic); accepted for pipeline compatibility.
+            return_dict (`bool`, defaults to `True`): return a [`PerflowSchedulerOutput`] rather than a tuple.
+            eta (`float`, defaults to 0): DDIM's stochasticity, passed by `DDIMPipeline`; PeRFlow is
+                deterministic, so only 0 is accepted.
+            use_clipped_model_output: passed by `DDIMPipeline`; PeRFlow does not clip, so it has no effect.
+
+        Returns:
+            [`PerflowSchedulerOutput`] or `tuple` `(prev_sample, pred_original_sample)`.
+        """
+        if self.timesteps is None:
+            raise ValueError("call `set_timesteps` before `step`")
+        if eta:
+            raise ValueError(f"eta must be 0 (PeRFlow sampling is deterministic); got eta={eta}")
+        t = _as_number(timestep)
+        index, window = self._locate(t)
+        previous_velocity = self._previous[1] if self._previous is not None and self._previous[0] == index - 1 >= 0 else None
+        result = perflow_step(
+            self.prediction_type,
+            model_output,
+            sample,
+            window,
+            theta_row=self.theta[window.index].to(sample.device),
+            previous_velocity=previous_velocity,
+            step_index=index,
+            timestep=t,
+        )
+        self._previous = (index, result.velocity)
+        self._step_index = index + 1 if index >= 0 else self._step_index
+        prev_sample = result.prev_sample.to(sample.dtype)
+        pred_original = result.pred_original_sample.to(sample.dtype)
+        if not return_dict:
+            return (prev_sample, pred_original)
+        return PerflowSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+
+    # ------------------------------------------------------------------------------------- add_noise
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Noise clean samples to where the PeRFlow path is at `timesteps`.
+
+        At a segment start this is the DDPM marginal `sqrt(a) x0 + sqrt(1 - a) noise` with
+        `a = alphas_cumprod[timestep - 1]`, exactly as the original. Inside a segment the path is the
+        straight line between the segment's start and end, both noised with the same x0 and noise (the
+        DDIM assumption), so an img2img start inside a segment lands on the line a PeRFlow model was
+        trained on rather than on the diffusion marginal.
+        """
+        steps = torch.as_tensor(timesteps).flatten().tolist()
+        if len(steps) == 1:
+            steps = steps * original_samples.shape[0]
+        if len(steps) != original_samples.shape[0]:
+            raise ValueError(f"timesteps has {len(steps)} entries for a batch of {original_samples.shape[0]}")
+        scales = [self._path_scales(float(t)) for t in steps]
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        signal = torch.tensor([s for s, _ in scales], dtype=original_samples.dtype, device=original_samples.device)
+        noise_scale = torch.tensor([n for _, n in scales], dtype=original_samples.dtype, device=original_samples.device)
+        return signal.view(shape) * original_samples + noise_scale.view(shape) * noise
+
+    def _path_scales(self, timestep: float) -> Tuple[float, float]:
+        window = self._window(timestep, 0)
+        a_s, a_e = window.alpha_start, window.alpha_end
+        w = min(max((window.t_start - window.t) / (window.t_start - window.t_end), 0.0), 1.0)
+        signal = (1 - w) * a_s**0.5 + w * a_e**0.5
+        noise = (1 - w) * (1 - a_s) ** 0.5 + w * (1 - a_e) ** 0.5
+        return signal, noise
+
+    # ----------------------------------------------------------------------------------- state dict
+    def state_dict(self) -> Dict[str, Any]:
+        """PeRFlow settings and config: `{"perflow": {theta, segments, segment_boundaries, version, prediction_type}, "config": {...}}`."""
+        return {
+            "perflow": {
+                "theta": self.theta.detach().clone(),
+                "segments": len(self.segments),
+                "segment_boundaries": self.segments.boundaries,
+                "version": self.config.version,
+                "prediction_type": self.prediction_type,
+            },
+            "config": {k: v for k, v in self.config.items() if not k.startswith("_")},
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
+        """Load settings from [`state_dict`]'s format.
+
+        With `strict=True` anything unexpected raises; with `strict=False` what matches is loaded and
+        the rest is logged. The schedule is rebuilt, so call `set_timesteps` again afterwards.
+        """
+        unexpected = [f"'{k}'" for k in state_dict if k not in ("perflow", "config")]
+        config = dict(self.config)
+        known = {k for k in config if not k.startswith("_")}
+        for key, value in state_dict.get("config", {}).items():
+            if key in known:
+                config[key] = value
+            else:
+                unexpected.append(f"config.{key}")
+        perflow = state_dict.get("perflow", {})
+        unexpected += [f"perflow.{k}" for k in perflow if k not in STATE_DICT_PERFLOW_KEYS]
+        if unexpected:
+            if strict:
+                raise KeyError(f"unexpected keys in the PerflowScheduler state dict: {', '.join(unexpected)}")
+            logger.warning("PerflowScheduler.load_state_dict ignored: %s", ", ".join(unexpected))
+        config.update(_config_from_perflow_entries(perflow))
+        self.__init__(**{k: v for k, v in config.items() if k in known})
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike, None] = None, subfolder: Optional[str] = None, **kwargs):
+        """Like [`SchedulerMixin.from_pretrained`]; also reads theta from a legacy
+        `scheduler_state.safetensors` / `pytorch_model.bin` beside a local `scheduler_config.json`
+        when the config has none (pickles only with `weights_only=True`)."""
+        scheduler = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        if scheduler.config.theta_init is None and os.path.isdir(folder):
+            scheduler._load_legacy_theta(folder)
+        return scheduler
+
+    def _load_legacy_theta(self, folder: str) -> None:
+        from .checkpoint import read_perflow_settings
+
+        for name in LEGACY_THETA_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                settings = read_perflow_settings(path)
+                if settings.theta is not None:
+                    self.set_theta(settings.theta)
+                    logger.info("PerflowScheduler: theta read from legacy file %s", path)
+                return
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], **overrides) -> "PerflowScheduler":
+        """A scheduler configured from a single-file checkpoint's `perflow.*` keys and metadata
+        (see `perflow_core.checkpoint`); `overrides` are config values that take precedence."""
+        from .checkpoint import read_perflow_settings
+
+        settings = read_perflow_settings(path)
+        return cls(**{**settings.scheduler_kwargs(), **overrides})
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _build_segments(
+    num_train_timesteps: int,
+    segments: Optional[int],
+    segment_boundaries: Optional[List[float]],
+    num_time_windows: Optional[int],
+) -> Segments:
+    counts = {name: validate_num_segments(v) for name, v in (("segments", segments), ("num_time_windows", num_time_windows)) if v is not None}
+    if segment_boundaries is not None:
+        built = Segments.from_boundaries(segment_boundaries, num_train_timesteps)
+        counts["segment_boundaries"] = len(built)
+    else:
+        built = Segments.uniform(next(iter(counts.values()), 4), num_train_timesteps)
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the number of segments disagrees: {counts}; give one of them or make them agree")
+    return built
+
+
+def _config_from_perflow_entries(perflow: Dict[str, Any]) -> Dict[str, Any]:
+    entries: Dict[str, Any] = {}
+    if "segment_boundaries" in perflow:
+        boundaries = perflow["segment_boundaries"]
+        entries["segment_boundaries"] = None if boundaries is None else [float(b) for b in torch.as_tensor(boundaries).flatten().tolist()]
+    if "segments" in perflow:
+        entries["segments"] = int(perflow["segments"])
+        entries["num_time_windows"] = None
+    if "theta" in perflow:
+        theta = perflow["theta"]
+        entries["theta_init"] = None if theta is None else torch.as_tensor(theta).tolist()
+    for key in ("version", "prediction_type"):
+        if key in perflow:
+            entries[key] = perflow[key]
+    return entries
+
+
+def _validate_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
+    values = np.asarray(torch.as_tensor(timesteps).cpu() if isinstance(timesteps, torch.Tensor) else timesteps, dtype=np.float64).ravel()
+    accepted = f"strictly decreasing whole numbers in (0, {num_train_timesteps}]"
+    if values.size == 0 or np.any(values != np.round(values)) or np.any(values <= 0) or np.any(values > num_train_timesteps):
+        raise ValueError(f"timesteps must be {accepted}; got {values.tolist()}")
+    if np.any(np.diff(values) >= 0):
+        raise ValueError(f"timesteps must be {accepted}; got {values.tolist()}")
+    return values.astype(np.int64)
+
+
+def _as_number(timestep: Union[int, float, torch.Tensor]) -> float:
+    return float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)

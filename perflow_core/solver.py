@@ -1,0 +1,93 @@
+"""The PeRFlow step: Euler on the piecewise linear path, plus the theta correction (see ``theta.py``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .parameterization import clean_estimate, time_to_window_end, velocity_and_window_end
+from .segments import Window
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one PeRFlow step produces.
+
+    Args:
+        prev_sample: the sample at ``t_next``.
+        velocity: the velocity of the straight path (before theta); the next step's ``v_prev``.
+        window_end: the predicted end of the current window.
+        pred_original_sample: an x0 estimate for previews (see ``clean_estimate``).
+    """
+
+    prev_sample: torch.Tensor
+    velocity: torch.Tensor
+    window_end: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def theta_features(
+    velocity: torch.Tensor,
+    window_end: torch.Tensor,
+    previous_velocity: Optional[torch.Tensor],
+    window: Window,
+) -> list[torch.Tensor]:
+    """The three terms that theta's columns weight; the step is ``x + dt*v + sum_j theta_j * f_j``."""
+    dt = window.t_next - window.t
+    share_of_window = dt / time_to_window_end(window)
+    velocity_change = torch.zeros_like(velocity) if previous_velocity is None else velocity - previous_velocity
+    return [dt * velocity, share_of_window * window_end, dt * velocity_change]
+
+
+def theta_is_zero(theta_row: Optional[torch.Tensor]) -> bool:
+    return theta_row is None or (not theta_row.requires_grad and not bool(theta_row.any()))
+
+
+def perflow_step(
+    prediction_type: str,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    window: Window,
+    theta_row: Optional[torch.Tensor] = None,
+    previous_velocity: Optional[torch.Tensor] = None,
+    step_index: Optional[int] = None,
+    timestep: Optional[float] = None,
+) -> StepResult:
+    """One step from ``window.t`` to ``window.t_next``.
+
+    Args:
+        prediction_type: ``diff_eps``, ``ddim_eps`` or ``velocity`` (already canonical).
+        model_output: the raw network output at (sample, t_c * T).
+        sample: the current sample z at t_c.
+        window: the step's place on the path (``Segments.window``).
+        theta_row: this segment's theta row ``[3]``; ``None`` or zeros give the original step.
+        previous_velocity: the velocity of the previous step, for theta's third column.
+        step_index, timestep: only used in error messages.
+    """
+    if not bool(torch.isfinite(model_output).all()):
+        raise FloatingPointError(
+            f"the model output contains NaN or Inf at step {step_index} (timestep {timestep}); "
+            "check the model, its dtype (fp16 overflow) and the input latents"
+        )
+    velocity, window_end = velocity_and_window_end(prediction_type, model_output, sample, window)
+    dt = window.t_next - window.t
+    base = sample + dt * velocity
+    prev_sample = base
+    if not theta_is_zero(theta_row):
+        features = theta_features(velocity, window_end, previous_velocity, window)
+        correction = sum(theta_row[j].to(sample.dtype) * f for j, f in enumerate(features))
+        prev_sample = base + correction
+        if not bool(torch.isfinite(prev_sample).all()) and bool(torch.isfinite(base).all()):
+            logger.warning(
+                "theta correction gave NaN/Inf at step %s (timestep %s, segment %d); using the theta = 0 step",
+                step_index,
+                timestep,
+                window.index,
+            )
+            prev_sample = base
+    return StepResult(prev_sample, velocity, window_end, clean_estimate(sample, velocity, window))
