@@ -104,7 +104,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"t_noise must be 1 and t_clean 0 (PeRFlow's path ends); got t_noise={t_noise}, t_clean={t_clean}")
         self.prediction_type = canonical_prediction_type(prediction_type)
         self.segments = _build_segments(num_train_timesteps, segments, segment_boundaries, num_time_windows)
-        self.betas = _betas_for(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        self.betas = _betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.init_noise_sigma = 1.0
         self.theta = as_theta(theta_init, len(self.segments), name="theta_init")
@@ -180,6 +180,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         """
         if sigmas is not None:
             raise ValueError("PerflowScheduler does not take `sigmas`; pass `num_inference_steps` or `timesteps`")
+        self._check_schedule_length()
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
         if timesteps is not None:
@@ -192,6 +193,13 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._previous = None
+
+    def _check_schedule_length(self) -> None:
+        if len(self.alphas_cumprod) != self.config.num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {len(self.alphas_cumprod)} entries; it needs num_train_timesteps="
+                f"{self.config.num_train_timesteps} to sample"
+            )
 
     def _at_least_one_step_per_segment(self, num_inference_steps: int) -> int:
         if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
@@ -384,6 +392,13 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def _betas(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int, trained_betas: Any) -> torch.Tensor:
+    # trained_betas of another length are kept (diffusers' configs allow it) and refused at set_timesteps.
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32).flatten()
+    return _betas_for(beta_schedule, beta_start, beta_end, num_train_timesteps, None)
 
 
 def _build_segments(
