@@ -370,15 +370,13 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         return scheduler
 
     def _load_legacy_theta(self, folder: str) -> None:
-        from .checkpoint import read_perflow_settings
+        from .checkpoint import perflow_keys_present, read_perflow_settings
 
         for name in LEGACY_THETA_FILES:
             path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                settings = read_perflow_settings(path)
-                if settings.theta is not None:
-                    self.set_theta(settings.theta)
-                    logger.info("PerflowScheduler: theta read from legacy file %s", path)
+            if os.path.isfile(path) and "perflow.theta" in perflow_keys_present(path):
+                self.set_theta(read_perflow_settings(path).theta)
+                logger.info("PerflowScheduler: theta read from legacy file %s", path)
                 return
 
     @classmethod

@@ -1,0 +1,625 @@
+"""Single-file checkpoints that carry PeRFlow settings beside the model weights.
+
+On-disk format (format version ``0.1``)
+---------------------------------------
+
+PeRFlow settings live in entries whose names start with ``perflow.`` (``perflow/`` is accepted as an
+alternative spelling when reading). A loader that ignores unknown keys still loads the model.
+
+**safetensors** (``.safetensors``, ``.sft``)
+
+=================================  ============  ==============================================================
+key                                where         value
+=================================  ============  ==============================================================
+``perflow.theta``                  tensor        float32 or float64, ``[K]`` (gain column) or ``[K, P]``, P <= 3
+``perflow.segment_boundaries``     tensor        1-D float (or int), training timesteps, strictly decreasing
+                                                 from T (or T - 1) to 0, e.g. ``[1000, 750, 500, 250, 0]``
+``perflow.segments``               tensor        0-d or 1-element integer (int64), the number of segments K
+``perflow.prediction_type``        metadata      ``diff_eps``, ``ddim_eps`` or ``velocity`` (legacy ``epsilon``
+                                                 means ``diff_eps``; ``v_prediction`` means ``velocity``)
+``perflow.version``                metadata      format version, e.g. ``"0.1"``
+``perflow.num_train_timesteps``    metadata      T as a string, e.g. ``"1000"``
+=================================  ============  ==============================================================
+
+Metadata may also give ``perflow.segments``, ``perflow.segment_boundaries``, ``perflow.theta`` and
+``perflow.num_train_timesteps`` as JSON strings (``"4"``, ``"[1000, 500, 0]"``). A field given twice
+(tensor and metadata, or both spellings) must have the same value in both places.
+
+The writers store ``perflow.theta`` as float32 ``[K, 3]``, ``perflow.segment_boundaries`` as float32
+``[K + 1]`` (the K uniform boundaries when the settings have none), ``perflow.segments`` as a 0-d
+int64 tensor, and ``perflow.prediction_type``, ``perflow.version`` and ``perflow.num_train_timesteps``
+as metadata. On reading, boundaries equal (in float32) to the K uniform ones mean uniform segments
+(``segment_boundaries=None``), which are computed exactly as the original PeRFlow does.
+
+**torch pickles** (``.ckpt``, ``.pt``, ``.pth``, ``.bin``), read only with ``torch.load(...,
+weights_only=True)``; a file that needs arbitrary code to load is refused and nothing in it runs.
+
+* flat: the same ``perflow.*`` keys beside the weights; ``perflow.prediction_type`` and
+  ``perflow.version`` are strings, numbers may be tensors, ints or lists;
+* nested: ``{"perflow": {"theta": ..., "segments": ..., "segment_boundaries": ..., "prediction_type": ...,
+  "version": ..., "num_train_timesteps": ...}, "state_dict": {...model weights...}}``. The writer uses
+  this layout for every checkpoint whose weights sit under ``state_dict``.
+
+Every field is optional; a missing one takes the :class:`PerflowSettings` default (K = 4 uniform
+segments, theta = 0, ``ddim_eps``, T = 1000). theta must have one row per segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .parameterization import canonical_prediction_type
+from .segments import Segments, validate_boundaries, validate_num_segments
+from .settings import PerflowSettings
+from .theta import as_theta
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+PERFLOW_PREFIXES = ("perflow.", "perflow/")
+PERFLOW_FIELDS = ("theta", "segments", "segment_boundaries", "prediction_type", "version", "num_train_timesteps")
+TENSOR_FIELDS = ("theta", "segment_boundaries", "segments")
+TEXT_FIELDS = ("prediction_type", "version")
+NESTED_SETTINGS_KEY = "perflow"
+NESTED_WEIGHTS_KEY = "state_dict"
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+# field -> (the key as found in the file, its value)
+Entries = Dict[str, Tuple[str, Any]]
+
+
+# ------------------------------------------------------------------------------------ public API
+def read_perflow_settings(path: PathLike) -> PerflowSettings:
+    """Read the PeRFlow settings of a checkpoint without loading its model tensors.
+
+    Args:
+        path: a ``.safetensors``/``.sft`` file or a torch pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``).
+
+    Returns:
+        [`PerflowSettings`]; fields the file does not give take their defaults (see
+        [`perflow_keys_present`] for which ones it gives).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unknown extension, unreadable file, or a bad ``perflow.*`` entry (the message
+            names the file and the key).
+    """
+    path = _existing_file(path)
+    entries = _safetensors_entries(path) if _file_kind(path) == "safetensors" else _pickle_entries(path)
+    with _naming(path):
+        return _settings_from_entries(entries)
+
+
+def perflow_keys_present(path: PathLike) -> List[str]:
+    """The PeRFlow entries a checkpoint gives, as sorted canonical names (``["perflow.theta", ...]``)."""
+    path = _existing_file(path)
+    if _file_kind(path) == "safetensors":
+        with _open_safetensors(path) as handle:
+            keys = list(handle.keys()) + list((handle.metadata() or {}).keys())
+    else:
+        checkpoint = _load_pickle(path)
+        keys = list(checkpoint.keys())
+        if isinstance(checkpoint.get(NESTED_WEIGHTS_KEY), Mapping):
+            keys += list(checkpoint[NESTED_WEIGHTS_KEY].keys())
+        if isinstance(checkpoint.get(NESTED_SETTINGS_KEY), Mapping):
+            keys += [f"perflow.{field}" for field in checkpoint[NESTED_SETTINGS_KEY]]
+    return sorted({f"perflow.{_perflow_field(key)}" for key in keys if _is_perflow_key(key)})
+
+
+def has_perflow_settings(path: PathLike) -> bool:
+    """Whether a checkpoint gives any PeRFlow setting."""
+    return bool(perflow_keys_present(path))
+
+
+def split_perflow_state_dict(
+    state_dict: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None
+) -> Tuple[PerflowSettings, Dict[str, Any]]:
+    """Separate the PeRFlow settings from the model weights of an already loaded checkpoint.
+
+    For callers that load the whole file anyway (e.g. a ComfyUI loader). ``state_dict`` is left unchanged.
+
+    Args:
+        state_dict: the loaded checkpoint, flat (``perflow.*`` keys beside the weights) or nested
+            (``{"perflow": {...}, "state_dict": {...}}``).
+        metadata: the safetensors metadata, if any.
+
+    Returns:
+        ``(settings, weights)``: the [`PerflowSettings`] and the model weights without PeRFlow entries
+        (``state_dict["state_dict"]``'s for the nested layout).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a dict of tensors; got {type(state_dict).__name__}")
+    with _naming("state dict"):
+        entries = _dict_entries(state_dict)
+        _collect_metadata(metadata, entries)
+        settings = _settings_from_entries(entries)
+    return settings, _model_weights(state_dict)
+
+
+def write_perflow_checkpoint(
+    source: PathLike,
+    destination: PathLike,
+    settings: PerflowSettings,
+    extra_metadata: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Write a new checkpoint: ``source``'s weights (and metadata) with its PeRFlow entries replaced by ``settings``.
+
+    Args:
+        source: the checkpoint to copy; it is never modified.
+        destination: the new file; must differ from ``source``. A safetensors source needs a
+            safetensors destination; a pickle source may go to either (a pickle keeps its layout).
+        settings: the PeRFlow settings to store.
+        extra_metadata: further safetensors metadata (string to string, no ``perflow.*`` keys).
+    """
+    source, destination = _existing_file(source), Path(destination)
+    _refuse_same_file(source, destination)
+    settings = _revalidated(settings)
+    extra = _checked_extra_metadata(extra_metadata)
+    if _file_kind(source) == "safetensors":
+        _rewrite_safetensors(source, destination, settings, extra)
+    else:
+        _rewrite_pickle(source, destination, settings, extra)
+
+
+def save_theta_file(path: PathLike, settings: PerflowSettings) -> None:
+    """Write a small safetensors file holding only the ``perflow.*`` tensors and metadata."""
+    path = Path(path)
+    if _file_kind(path) != "safetensors":
+        raise ValueError(f"{path}: a theta file is safetensors; give it a {' or '.join(SAFETENSORS_EXTENSIONS)} name")
+    settings = _revalidated(settings)
+    _save_safetensors(path, _perflow_tensors(settings), _perflow_metadata(settings))
+
+
+# -------------------------------------------------------------------------------------- entries
+def _perflow_field(key: Any) -> Optional[str]:
+    if not isinstance(key, str):
+        return None
+    for prefix in PERFLOW_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def _is_perflow_key(key: Any) -> bool:
+    return _perflow_field(key) is not None
+
+
+def _add_entry(entries: Entries, key: str, value: Any, field: Optional[str] = None) -> None:
+    field = field if field is not None else _perflow_field(key)
+    if field not in PERFLOW_FIELDS:
+        accepted = ", ".join(f"perflow.{name}" for name in PERFLOW_FIELDS)
+        raise ValueError(f"unknown PeRFlow key {key!r}; accepted keys are {accepted} (or spelled perflow/...)")
+    if field in entries and not _same_value(entries[field][1], value):
+        raise ValueError(f"{entries[field][0]} and {key} give different values; give the setting once")
+    entries.setdefault(field, (key, value))
+
+
+def _same_value(first: Any, second: Any) -> bool:
+    if isinstance(first, str) or isinstance(second, str):
+        return first == second
+    try:
+        a, b = (np.asarray(_plain(v), dtype=np.float64).ravel() for v in (first, second))
+    except (TypeError, ValueError):
+        return False
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=1e-6))
+
+
+def _plain(value: Any) -> Any:
+    return value.detach().cpu().to(torch.float64).numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _collect_flat(mapping: Mapping[str, Any], entries: Entries) -> None:
+    for key, value in mapping.items():
+        if _is_perflow_key(key):
+            _add_entry(entries, key, value)
+
+
+def _collect_metadata(metadata: Optional[Mapping[str, str]], entries: Entries) -> None:
+    for key, text in (metadata or {}).items():
+        field = _perflow_field(key)
+        if field is not None:
+            _add_entry(entries, key, _metadata_value(key, field, text))
+
+
+def _metadata_value(key: str, field: str, text: str) -> Any:
+    if field in TEXT_FIELDS or field not in PERFLOW_FIELDS:
+        return text
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} in the metadata must be JSON, e.g. '4' or '[1000, 500, 0]'; got {text!r}") from None
+
+
+def _safetensors_entries(path: Path) -> Entries:
+    """The perflow entries of a safetensors file; only the ``perflow.*`` tensors are read."""
+    entries: Entries = {}
+    with _open_safetensors(path) as handle, _naming(path):
+        for key in handle.keys():
+            if _is_perflow_key(key):
+                _add_entry(entries, key, handle.get_tensor(key))
+        _collect_metadata(handle.metadata(), entries)
+    return entries
+
+
+def _pickle_entries(path: Path) -> Entries:
+    checkpoint = _load_pickle(path)
+    with _naming(path):
+        return _dict_entries(checkpoint)
+
+
+def _dict_entries(checkpoint: Mapping[str, Any]) -> Entries:
+    entries: Entries = {}
+    nested = checkpoint.get(NESTED_SETTINGS_KEY)
+    if isinstance(nested, Mapping):
+        for field, value in nested.items():
+            _add_entry(entries, f"perflow.{field}", value, field=str(field))
+    _collect_flat(checkpoint, entries)
+    weights = checkpoint.get(NESTED_WEIGHTS_KEY)
+    if isinstance(weights, Mapping):
+        _collect_flat(weights, entries)
+    return entries
+
+
+def _model_weights(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    weights = checkpoint.get(NESTED_WEIGHTS_KEY)
+    if not isinstance(weights, Mapping):
+        weights = {k: v for k, v in checkpoint.items() if not (k == NESTED_SETTINGS_KEY and isinstance(v, Mapping))}
+    return _without_perflow(weights)
+
+
+def _without_perflow(mapping: Mapping[str, Any]) -> Dict[str, Any]:
+    return {key: value for key, value in mapping.items() if not _is_perflow_key(key)}
+
+
+# -------------------------------------------------------------------------------------- parsing
+def _settings_from_entries(entries: Entries) -> PerflowSettings:
+    num_train_timesteps = _parse_num_train_timesteps(entries.get("num_train_timesteps"))
+    boundaries = _parse_boundaries(entries.get("segment_boundaries"), num_train_timesteps)
+    count = _segment_count(_parse_segments(entries.get("segments")), boundaries, entries.get("theta"))
+    return PerflowSettings(
+        segments=count,
+        segment_boundaries=None if _is_uniform(boundaries, num_train_timesteps) else boundaries,
+        theta=_parse_theta(entries.get("theta"), count),
+        prediction_type=_parse_prediction_type(entries.get("prediction_type")),
+        version=_parse_version(entries.get("version")),
+        num_train_timesteps=num_train_timesteps,
+    )
+
+
+def _parse_num_train_timesteps(entry: Optional[Tuple[str, Any]]) -> int:
+    if entry is None:
+        return PerflowSettings.num_train_timesteps
+    key, value = entry
+    number = _whole_number(value)
+    if number is None or number < 2:
+        raise ValueError(f"{key} must be a whole number >= 2 such as 1000; got {value!r}")
+    return number
+
+
+def _parse_segments(entry: Optional[Tuple[str, Any]]) -> Optional[int]:
+    if entry is None:
+        return None
+    key, value = entry
+    number = _whole_number(value)
+    if number is None or number < 1:
+        raise ValueError(f"{key} must be a whole number >= 1 (a 0-d or 1-element int64 tensor); got {value!r}")
+    return validate_num_segments(number)
+
+
+def _whole_number(value: Any) -> Optional[int]:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _parse_boundaries(entry: Optional[Tuple[str, Any]], num_train_timesteps: int) -> Optional[List[float]]:
+    if entry is None:
+        return None
+    key, value = entry
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{key} must be a 1-D float tensor; got dtype {value.dtype}, shape {list(value.shape)}")
+        value = value.to(torch.float64)
+    try:
+        return validate_boundaries(value, num_train_timesteps)
+    except ValueError as error:
+        raise _renamed(error, "segment_boundaries", key) from None
+
+
+def _segment_count(segments: Optional[int], boundaries: Optional[List[float]], theta: Optional[Tuple[str, Any]]) -> int:
+    # A file with theta alone (a standalone theta file) has one uniform segment per theta row.
+    if boundaries is None:
+        if segments is not None:
+            return segments
+        rows = None if theta is None else _row_count(theta[1])
+        return rows if rows else PerflowSettings.segments
+    count = len(boundaries) - 1
+    if segments is not None and segments != count:
+        raise ValueError(
+            f"perflow.segments is {segments} but perflow.segment_boundaries {boundaries} makes {count} segments; make them agree"
+        )
+    return count
+
+
+def _is_uniform(boundaries: Optional[List[float]], num_train_timesteps: int) -> bool:
+    if boundaries is None:
+        return True
+    uniform = Segments.uniform(len(boundaries) - 1, num_train_timesteps).boundaries
+    return bool(np.array_equal(np.float32(boundaries), np.float32(uniform)))
+
+
+def _parse_theta(entry: Optional[Tuple[str, Any]], count: int) -> Optional[torch.Tensor]:
+    if entry is None:
+        return None
+    key, value = entry
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise ValueError(f"{key} must be a float32 or float64 tensor; got {value.dtype}")
+        value = value.detach().cpu().to(torch.float64)
+    rows = _row_count(value)
+    if rows is not None and rows != count:
+        raise ValueError(
+            f"{key} has {rows} rows but there are {count} segments (from perflow.segments or "
+            f"perflow.segment_boundaries); give one row per segment"
+        )
+    # as_theta reports everything else (columns, NaN/Inf, non-numbers) under the key's name.
+    return as_theta(value, count, name=key)
+
+
+def _row_count(value: Any) -> Optional[int]:
+    try:
+        shape = np.shape(value)
+    except (TypeError, ValueError):
+        return None
+    return shape[0] if len(shape) in (1, 2) else None
+
+
+def _parse_prediction_type(entry: Optional[Tuple[str, Any]]) -> str:
+    if entry is None:
+        return PerflowSettings.prediction_type
+    key, value = entry
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string (safetensors metadata); got {type(value).__name__}")
+    try:
+        return canonical_prediction_type(value)
+    except ValueError as error:
+        raise _renamed(error, "prediction_type", key) from None
+
+
+def _renamed(error: ValueError, name: str, key: str) -> ValueError:
+    """The error of a shared validator, speaking of the checkpoint key instead of the setting's name."""
+    text = str(error)
+    return ValueError(key + text[len(name) :] if text.startswith(name) else f"{key}: {text}")
+
+
+def _parse_version(entry: Optional[Tuple[str, Any]]) -> str:
+    if entry is None:
+        return PerflowSettings.version
+    key, value = entry
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be a version string such as '0.1'; got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ file I/O
+@contextmanager
+def _naming(source: Any) -> Iterator[None]:
+    """Prefix ValueErrors with the file (or object) they are about."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def _existing_file(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    return path
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_EXTENSIONS:
+        return "safetensors"
+    if suffix in PICKLE_EXTENSIONS:
+        return "pickle"
+    raise ValueError(
+        f"{path}: unknown checkpoint extension {suffix!r}; accepted are {', '.join(SAFETENSORS_EXTENSIONS)} "
+        f"(safetensors) and {', '.join(PICKLE_EXTENSIONS)} (torch pickles)"
+    )
+
+
+def _open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({error})") from None
+
+
+def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    with _open_safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def _load_pickle(path: Path) -> Mapping[str, Any]:
+    """``torch.load`` with ``weights_only=True`` only; errors become ValueErrors naming the file."""
+    try:
+        checkpoint = _torch_load_weights_only(path)
+    except pickle.UnpicklingError as error:
+        raise _refused(path, error) from None
+    except OSError:
+        raise
+    except Exception as error:  # a damaged pickle can fail in the unpickler in many ways
+        reason = str(error).strip().split(". ")[0] or type(error).__name__
+        raise ValueError(f"{path} is truncated or not a torch file ({reason})") from None
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}; expected a dict of tensors")
+    return checkpoint
+
+
+def _torch_load_weights_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        # Legacy (non-zip) torch files cannot be memory-mapped.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+
+
+def _refused(path: Path, error: pickle.UnpicklingError) -> ValueError:
+    text = str(error)
+    needed = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    # torch's own names are allowed when complete; a cut-off one means a damaged file.
+    if needed and not needed.group(1).startswith("torch."):
+        return ValueError(
+            f"{path} needs arbitrary code to load: it refers to {needed.group(1)}, which is neither a tensor "
+            "nor a plain container. Loading it with torch.load(weights_only=True) was refused and nothing in "
+            "the file was executed."
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = (detail.group(1) if detail else text).strip().split(". ")[0]
+    return ValueError(
+        f"{path} is truncated, not a torch file, or needs arbitrary code to load; torch.load(weights_only=True) "
+        f"refused it and nothing in the file was executed ({reason})"
+    )
+
+
+def _refuse_same_file(source: Path, destination: Path) -> None:
+    same = os.path.realpath(source) == os.path.realpath(destination)
+    if same or (destination.exists() and os.path.samefile(source, destination)):
+        raise ValueError(f"destination {destination} is the source file; write the new checkpoint to another path")
+
+
+def _write_atomically(destination: Path, write: Callable[[str], None]) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write(temporary)
+        os.replace(temporary, destination)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _save_safetensors(destination: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    storable = _unshared(tensors)
+    _write_atomically(destination, lambda temporary: save_file(storable, temporary, metadata=metadata))
+
+
+def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """safetensors stores neither shared nor non-contiguous tensors: give those their own memory."""
+    seen, result = set(), {}
+    for key, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        shared = pointer in seen and tensor.numel() > 0
+        result[key] = tensor.clone() if shared or not tensor.is_contiguous() else tensor
+        seen.add(pointer)
+    return result
+
+
+def _only_tensors(weights: Mapping[str, Any], source: Path) -> Dict[str, torch.Tensor]:
+    dropped = [key for key, value in weights.items() if not isinstance(value, torch.Tensor)]
+    if dropped:
+        logger.warning("%s: safetensors holds tensors only; left out %s", source, ", ".join(map(str, dropped)))
+    return {key: value for key, value in weights.items() if isinstance(value, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------------------- writing
+def _rewrite_safetensors(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str]) -> None:
+    if _file_kind(destination) != "safetensors":
+        raise ValueError(f"{destination}: a safetensors source is written to a .safetensors destination only")
+    tensors, metadata = _load_safetensors(source)
+    metadata = {**_without_perflow(metadata), **extra, **_perflow_metadata(settings)}
+    _save_safetensors(destination, {**_without_perflow(tensors), **_perflow_tensors(settings)}, metadata)
+
+
+def _rewrite_pickle(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str]) -> None:
+    checkpoint = _load_pickle(source)
+    if _file_kind(destination) == "safetensors":
+        weights = _only_tensors(_model_weights(checkpoint), source)
+        metadata = {"format": "pt", **extra, **_perflow_metadata(settings)}
+        _save_safetensors(destination, {**weights, **_perflow_tensors(settings)}, metadata)
+        return
+    if extra:
+        raise ValueError(f"{destination}: extra_metadata needs a .safetensors destination (torch pickles have no metadata)")
+    updated = _with_perflow_entries(checkpoint, settings)
+    _write_atomically(destination, lambda temporary: torch.save(updated, temporary))
+
+
+def _revalidated(settings: PerflowSettings) -> PerflowSettings:
+    if not isinstance(settings, PerflowSettings):
+        raise ValueError(f"settings must be a PerflowSettings; got {type(settings).__name__}")
+    with _naming("settings"):
+        return dataclasses.replace(settings, theta=settings.theta.detach().cpu())
+
+
+def _checked_extra_metadata(extra_metadata: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    extra = dict(extra_metadata or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"extra_metadata maps strings to strings; got {key!r}: {value!r}")
+        if _is_perflow_key(key):
+            raise ValueError(f"extra_metadata key {key!r}: perflow.* entries come from `settings`")
+    return extra
+
+
+def _perflow_values(settings: PerflowSettings) -> Dict[str, Any]:
+    boundaries = settings.segment_boundaries or Segments.uniform(settings.segments, settings.num_train_timesteps).boundaries
+    return {
+        "theta": settings.theta.to(torch.float32).contiguous(),
+        "segment_boundaries": torch.tensor(boundaries, dtype=torch.float32),
+        "segments": torch.tensor(settings.segments, dtype=torch.int64),
+        "prediction_type": settings.prediction_type,
+        "version": settings.version,
+        "num_train_timesteps": settings.num_train_timesteps,
+    }
+
+
+def _perflow_tensors(settings: PerflowSettings) -> Dict[str, torch.Tensor]:
+    values = _perflow_values(settings)
+    return {f"perflow.{field}": values[field] for field in TENSOR_FIELDS}
+
+
+def _perflow_metadata(settings: PerflowSettings) -> Dict[str, str]:
+    values = _perflow_values(settings)
+    return {f"perflow.{field}": str(values[field]) for field in (*TEXT_FIELDS, "num_train_timesteps")}
+
+
+def _with_perflow_entries(checkpoint: Mapping[str, Any], settings: PerflowSettings) -> Dict[str, Any]:
+    values = _perflow_values(settings)
+    weights = checkpoint.get(NESTED_WEIGHTS_KEY)
+    if isinstance(weights, Mapping):
+        updated = _without_perflow(checkpoint)
+        updated[NESTED_WEIGHTS_KEY] = _without_perflow(weights)
+        updated[NESTED_SETTINGS_KEY] = values
+        return updated
+    updated = _model_weights(checkpoint)
+    updated.update({f"perflow.{field}": value for field, value in values.items()})
+    return updated
