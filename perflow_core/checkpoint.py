@@ -152,6 +152,27 @@ def split_perflow_state_dict(
     return settings, _model_weights(state_dict)
 
 
+def perflow_fields_in(state_dict: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None) -> List[str]:
+    """The PeRFlow fields (``theta``, ``prediction_type``, ...) an already loaded checkpoint gives."""
+    entries = _dict_entries(state_dict)
+    _collect_metadata(metadata, entries)
+    return sorted(entries)
+
+
+def checkpoint_format(path: PathLike) -> str:
+    """``"safetensors"`` or ``"pickle"`` by extension; other extensions raise ValueError listing the accepted ones."""
+    return _file_kind(Path(path))
+
+
+def load_pickle_checkpoint(path: PathLike) -> Mapping[str, Any]:
+    """A legacy ``.ckpt/.pt/.pth/.bin`` file, read only with ``torch.load(weights_only=True, mmap=True)``.
+
+    The whole mapping is returned (the nested ``{"perflow", "state_dict"}`` layout intact) so that
+    ``split_perflow_state_dict`` can take settings and weights from one read.
+    """
+    return _load_pickle(_existing_file(path))
+
+
 def write_perflow_checkpoint(
     source: PathLike,
     destination: PathLike,

@@ -83,3 +83,16 @@ def clean_estimate(sample: torch.Tensor, velocity: torch.Tensor, window: Window)
     noise_s, noise_e = math.sqrt(1 - a_s), math.sqrt(1 - a_e)
     determinant = math.sqrt(a_e) * noise_s - math.sqrt(a_s) * noise_e
     return (noise_s * z_end - noise_e * z_start) / max(determinant, _EPS)
+
+
+def path_noise_scales(window: Window) -> tuple[float, float]:
+    """``(signal, noise)`` scales of the PeRFlow path at ``window.t`` for a clean sample and its noise.
+
+    The straight line between the window's start and end, both noised with the same x0 and noise
+    (``sqrt(a) x0 + sqrt(1 - a) noise``); at the window start it is the DDPM marginal.
+    """
+    a_s, a_e = window.alpha_start, window.alpha_end
+    w = min(max((window.t_start - window.t) / (window.t_start - window.t_end), 0.0), 1.0)
+    signal = (1 - w) * math.sqrt(a_s) + w * math.sqrt(a_e)
+    noise = (1 - w) * math.sqrt(1 - a_s) + w * math.sqrt(1 - a_e)
+    return signal, noise

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from .noise_schedule import _betas_for
-from .parameterization import canonical_prediction_type
+from .parameterization import canonical_prediction_type, path_noise_scales
 from .segments import Segments, Window, validate_num_segments
 from .solver import perflow_step
 from .theta import as_theta, theta_to_list
@@ -313,12 +313,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         return signal.view(shape) * original_samples + noise_scale.view(shape) * noise
 
     def _path_scales(self, timestep: float) -> Tuple[float, float]:
-        window = self._window(timestep, 0)
-        a_s, a_e = window.alpha_start, window.alpha_end
-        w = min(max((window.t_start - window.t) / (window.t_start - window.t_end), 0.0), 1.0)
-        signal = (1 - w) * a_s**0.5 + w * a_e**0.5
-        noise = (1 - w) * (1 - a_s) ** 0.5 + w * (1 - a_e) ** 0.5
-        return signal, noise
+        return path_noise_scales(self._window(timestep, 0))
 
     # ----------------------------------------------------------------------------------- state dict
     def state_dict(self) -> Dict[str, Any]:

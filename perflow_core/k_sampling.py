@@ -1,0 +1,217 @@
+"""PeRFlow as a k-diffusion style sampling function, for ComfyUI's ``KSAMPLER`` (no ComfyUI import).
+
+ComfyUI samples in its model's own space: for EPS and V-prediction models ``x = x0 + sigma * noise``
+(variance exploding) and the model returns the denoised x0 after CFG; for flow (CONST) models
+``x = sigma * noise + (1 - sigma) * x0``. PeRFlow's path lives in the variance-preserving space
+``z = x / sqrt(1 + sigma^2)`` of the original scheduler, with the raw network output. ``ModelSpace``
+converts between them; the step itself is ``perflow_core.solver.perflow_step``, the same as the
+diffusers scheduler's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from tqdm.auto import trange
+
+from .parameterization import path_noise_scales
+from .segments import Segments
+from .settings import PerflowSettings
+from .solver import perflow_step
+
+logger = logging.getLogger(__name__)
+
+MODEL_KINDS = ("eps", "v", "flow")
+# Sigmas further than this (relative) from a training sigma are snapped to it, with a warning.
+_SNAP_TOLERANCE = 1e-3
+
+
+@dataclass
+class ModelSpace:
+    """How a ComfyUI model's sampling space maps onto PeRFlow's time and variables.
+
+    Args:
+        kind: ``eps`` or ``v`` (discrete variance-exploding sigmas, one per training timestep) or
+            ``flow`` (CONST: ``t = sigma``).
+        sigmas: the discrete model's training sigmas, ``[T]`` (``sigmas[j]`` is timestep ``j + 1`` in
+            PeRFlow's convention); unused for ``flow``.
+        num_train_timesteps: T (the flow models' timestep multiplier).
+    """
+
+    kind: str
+    sigmas: Optional[torch.Tensor] = None
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def of(cls, model_sampling: Any) -> "ModelSpace":
+        """Read a ComfyUI ``model_sampling`` object by duck typing (its class names and tables)."""
+        names = {c.__name__ for c in type(model_sampling).__mro__}
+        if "CONST" in names:
+            return cls("flow", None, int(getattr(model_sampling, "multiplier", 1000)))
+        kind = "v" if "V_PREDICTION" in names else "eps" if "EPS" in names else None
+        if kind is None or "ModelSamplingDiscrete" not in names:
+            raise ValueError(
+                f"PeRFlow samples models with discrete EPS or V-prediction sampling, or flow (CONST) models; "
+                f"this model samples with {type(model_sampling).__name__} ({', '.join(sorted(names - {'object', 'Module'}))})"
+            )
+        sigmas = model_sampling.sigmas.detach().double().cpu()
+        return cls(kind, sigmas, len(sigmas))
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``alphas_cumprod`` of the training schedule (for flow: the VP level of ``sigma * n + (1 - sigma) x0``)."""
+        if self.kind == "flow":
+            t = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
+            return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+        return 1 / (1 + self.sigmas**2)
+
+    def timestep_of(self, sigma: float) -> float:
+        """PeRFlow's model timestep for a ComfyUI sigma (training timestep ``j + 1`` for ``sigmas[j]``)."""
+        if sigma <= 0:
+            return 0.0
+        if self.kind == "flow":
+            return sigma * self.num_train_timesteps
+        distances = (self.sigmas.log() - math.log(sigma)).abs()
+        index = int(distances.argmin())
+        if abs(float(self.sigmas[index]) / sigma - 1) > _SNAP_TOLERANCE:
+            logger.warning("PeRFlow: sigma %.5g is not a training sigma; using timestep %d (sigma %.5g)", sigma, index + 1, float(self.sigmas[index]))
+        return float(index + 1)
+
+    def sigma_of(self, timestep: float) -> float:
+        if timestep <= 0:
+            return 0.0
+        if self.kind == "flow":
+            return timestep / self.num_train_timesteps
+        return float(self.sigmas[int(timestep) - 1])
+
+    def to_path(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return x if self.kind == "flow" else x / math.sqrt(1 + sigma**2)
+
+    def from_path(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        return z if self.kind == "flow" else z * math.sqrt(1 + sigma**2)
+
+    def raw_output(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+        """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
+        if self.kind == "v":
+            return (x / (sigma**2 + 1) - denoised) * math.sqrt(sigma**2 + 1) / sigma
+        return (x - denoised) / sigma
+
+
+def model_sampling_of(model: Any) -> Any:
+    """The model_sampling object behind the ``model`` a KSAMPLER function receives."""
+    try:
+        return model.inner_model.inner_model.model_sampling
+    except AttributeError:
+        raise ValueError("PeRFlow could not find the model's sampling settings (model.inner_model.inner_model.model_sampling)") from None
+
+
+def sampling_timesteps(space: ModelSpace, sigmas: torch.Tensor) -> List[float]:
+    """PeRFlow timesteps for a sigma schedule; they must strictly decrease."""
+    timesteps = [space.timestep_of(float(s)) for s in sigmas]
+    if any(later >= earlier for earlier, later in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"sigmas must map to strictly decreasing timesteps; these give {timesteps}")
+    return timesteps
+
+
+def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, window: Any, full_denoise: bool) -> torch.Tensor:
+    """The first sample in PeRFlow's space.
+
+    Txt2img starts from pure noise, as the original. An img2img start inside a segment is put on the
+    straight path (see ``path_noise_scales``) when ComfyUI's clean latent and noise are at hand, as
+    ``PerflowScheduler.add_noise`` does; at a segment start that equals ComfyUI's own noising.
+    """
+    sigma = space.sigma_of(window.t * space.num_train_timesteps)
+    inside_segment = window.t < window.t_start
+    latent, noise = getattr(model, "latent_image", None), getattr(model, "noise", None)
+    if full_denoise or space.kind == "flow" or not inside_segment or latent is None or noise is None:
+        return space.to_path(x, sigma)
+    signal_scale, noise_scale = path_noise_scales(window)
+    return signal_scale * latent.to(x) + noise_scale * noise.to(x)
+
+
+@torch.no_grad()
+def sample_perflow(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[Dict[str, Any]] = None,
+    callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+    disable: Optional[bool] = None,
+    settings: Optional[PerflowSettings] = None,
+    space: Optional[ModelSpace] = None,
+) -> torch.Tensor:
+    """PeRFlow sampling in ComfyUI's k-diffusion calling convention.
+
+    Args:
+        model: ``model(x, sigma * ones[B], **extra_args) -> denoised`` (ComfyUI's wrapped model, CFG applied).
+        x: the noised latent at ``sigmas[0]``, as ``KSAMPLER`` passes it.
+        sigmas: the schedule, e.g. from the PeRFlow scheduler node; each sigma is read as the training
+            timestep it belongs to.
+        extra_args: passed through to the model unchanged.
+        callback: called every step with ``x``, ``i``, ``sigma``, ``sigma_hat`` and ``denoised`` (an x0
+            estimate) for the progress bar, previews and Cancel.
+        disable: silences the console progress bar.
+        settings: segments, theta and parameterisation (defaults: the original PeRFlow).
+        space: the model's sampling space; read from the model when not given.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    settings = settings or PerflowSettings()
+    space = space or ModelSpace.of(model_sampling_of(model))
+    segments = _segments_for(settings, space)
+    alphas_cumprod = space.alphas_cumprod
+    timesteps = sampling_timesteps(space, sigmas)
+    windows = [segments.window(t, t_next, alphas_cumprod) for t, t_next in zip(timesteps[:-1], timesteps[1:])]
+    if not windows:
+        return x
+    full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
+    z = start_on_path(model, x, space, windows[0], full_denoise)
+    theta = settings.theta.to(x.device)
+    ones = x.new_ones([x.shape[0]])
+    previous_velocity = None
+    for i in trange(len(windows), disable=disable):
+        window = windows[i]
+        sigma = space.sigma_of(timesteps[i])
+        x_in = space.from_path(z, sigma)
+        denoised = model(x_in, sigma * ones, **extra_args)
+        output = space.raw_output(x_in, sigma, denoised)
+        result = perflow_step(settings.prediction_type, output, z, window, theta[window.index], previous_velocity, i, timesteps[i])
+        previous_velocity, z = result.velocity, result.prev_sample
+        if callback is not None:
+            preview = denoised if space.kind == "flow" else result.pred_original_sample
+            callback({"x": space.from_path(z, space.sigma_of(timesteps[i + 1])), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
+    return space.from_path(z, space.sigma_of(timesteps[-1]))
+
+
+def _segments_for(settings: PerflowSettings, space: ModelSpace) -> Segments:
+    if settings.num_train_timesteps != space.num_train_timesteps:
+        raise ValueError(
+            f"the PeRFlow settings use num_train_timesteps={settings.num_train_timesteps} but the model has "
+            f"{space.num_train_timesteps} training timesteps"
+        )
+    return settings.build_segments()
+
+
+def perflow_sigmas(space: ModelSpace, settings: PerflowSettings, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The sigma schedule of PeRFlow's timestep grid (ends with 0), for SamplerCustom(Advanced).
+
+    ``denoise < 1`` works like ComfyUI's own schedulers: the grid of ``int(steps / denoise)`` steps is
+    built and its last ``steps`` are kept, so the start lands on that finer grid (a segment start when
+    ``steps / denoise`` is a multiple of K times ``steps / K``, e.g. 4 steps at denoise 0.5).
+    """
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1; got {steps!r}")
+    if not 0 < denoise <= 1:
+        raise ValueError(f"denoise must be in (0, 1]; got {denoise}")
+    segments = _segments_for(settings, space)
+    total = max(int(steps / denoise), len(segments)) if denoise < 1 else steps
+    if total < len(segments):
+        raise ValueError(
+            f"steps={steps} is below the number of segments K={len(segments)}; PeRFlow needs at least one step "
+            f"per segment (use steps >= {len(segments)} or fewer segments)"
+        )
+    grid = segments.timesteps(total)[-steps:].tolist()
+    return torch.tensor([space.sigma_of(float(t)) for t in grid] + [0.0], dtype=torch.float32)

@@ -1,0 +1,171 @@
+"""The ComfyUI-convention sampler (no ComfyUI needed): stand-ins mimic ComfyUI's model wrapper by class name."""
+
+import math
+
+import pytest
+import torch
+
+from perflow_core import PerflowScheduler
+from perflow_core.k_sampling import ModelSpace, perflow_sigmas, sample_perflow
+from perflow_core.noise_schedule import alphas_cumprod_for
+from perflow_core.settings import PerflowSettings
+
+
+class EPS:
+    pass
+
+
+class V_PREDICTION(EPS):
+    pass
+
+
+class CONST:
+    pass
+
+
+class ModelSamplingDiscrete:
+    def __init__(self):
+        alphas = alphas_cumprod_for().double()
+        self.sigmas = ((1 - alphas) / alphas).sqrt().float()
+
+
+class DiscreteEps(ModelSamplingDiscrete, EPS):
+    pass
+
+
+class DiscreteV(ModelSamplingDiscrete, V_PREDICTION):
+    pass
+
+
+class Flow(CONST):
+    multiplier = 1000
+
+
+class ModelSamplingContinuousEDM(EPS):
+    sigmas = torch.linspace(0.002, 80, 1000)
+
+
+def network(z, timestep):
+    """A raw 'network' output: what the original scheduler would be fed."""
+    return 0.8 * torch.tanh(z) + 0.1 * math.sin(timestep / 37.0) * z
+
+
+class ComfyLikeModel:
+    """model(x, sigma) -> denoised, computed from the raw network the way ComfyUI's wrapper does."""
+
+    def __init__(self, model_sampling):
+        self.inner_model = type("Guider", (), {})()
+        self.inner_model.inner_model = type("BaseModel", (), {})()
+        self.inner_model.inner_model.model_sampling = model_sampling
+        self.space = ModelSpace.of(model_sampling)
+        self.seen_timesteps = []
+        self.seen_inputs = []
+
+    def __call__(self, x, sigma, **extra_args):
+        s = float(sigma[0])
+        timestep = self.space.timestep_of(s)
+        self.seen_timesteps.append(timestep)
+        if self.space.kind == "flow":
+            return x - network(x, timestep) * s
+        z = x / math.sqrt(1 + s * s)
+        self.seen_inputs.append(z)
+        out = network(z, timestep)
+        if self.space.kind == "v":
+            return x / (s * s + 1) - out * s / math.sqrt(s * s + 1)
+        return x - out * s
+
+
+def scheduler_loop(prediction_type, steps, noise, theta=None):
+    scheduler = PerflowScheduler(prediction_type=prediction_type, theta_init=theta)
+    scheduler.set_timesteps(steps)
+    z = noise.clone()
+    for t in scheduler.timesteps:
+        z = scheduler.step(network(z, float(t)), t, z).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("prediction_type", ["diff_eps", "ddim_eps", "velocity"])
+@pytest.mark.parametrize("steps", [4, 6, 8])
+@pytest.mark.parametrize("theta", [None, [[0.1, -0.05, 0.2], [0.0, 0.1, -0.1], [0.05, 0.0, 0.3], [-0.1, 0.02, 0.1]]])
+def test_comfy_convention_matches_the_scheduler_on_an_eps_model(prediction_type, steps, theta):
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = ComfyLikeModel(DiscreteEps())
+    settings = PerflowSettings(prediction_type=prediction_type, theta=theta)
+    sigmas = perflow_sigmas(model.space, settings, steps)
+    x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)  # KSAMPLER's full-denoise noise scaling
+    ours = sample_perflow(model, x, sigmas, settings=settings, disable=True)
+    expected = scheduler_loop(prediction_type, steps, noise, theta)
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+def test_the_network_sees_the_original_timesteps():
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, PerflowSettings(), 8)
+    sample_perflow(model, torch.randn(1, 4, 8, 8), sigmas, disable=True)
+    assert model.seen_timesteps == [1000, 875, 750, 625, 500, 375, 250, 125]
+
+
+def test_v_prediction_models_give_the_same_raw_outputs():
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = ComfyLikeModel(DiscreteV())
+    settings = PerflowSettings(prediction_type="velocity")
+    sigmas = perflow_sigmas(model.space, settings, 8)
+    ours = sample_perflow(model, noise * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, settings=settings, disable=True)
+    expected = scheduler_loop("velocity", 8, noise)
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_flow_models_step_in_sigma_with_velocity():
+    model = ComfyLikeModel(Flow())
+    settings = PerflowSettings(prediction_type="velocity")
+    sigmas = perflow_sigmas(model.space, settings, 4)
+    assert sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    expected = x.clone()
+    for t, t_next in zip([1.0, 0.75, 0.5, 0.25], [0.75, 0.5, 0.25, 0.0]):
+        expected = expected + (t_next - t) * network(expected, t * 1000)
+    assert torch.allclose(sample_perflow(model, x, sigmas, settings=settings, disable=True), expected, atol=1e-5)
+
+
+def test_callback_gets_every_step_with_a_denoised_estimate():
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, PerflowSettings(), 4)
+    calls = []
+    sample_perflow(model, torch.randn(1, 4, 8, 8), sigmas, callback=calls.append, disable=True)
+    assert [c["i"] for c in calls] == [0, 1, 2, 3]
+    assert all(c["denoised"].shape == (1, 4, 8, 8) and torch.isfinite(c["denoised"]).all() for c in calls)
+
+
+def test_denoise_below_one_keeps_the_end_of_a_finer_grid():
+    space = ModelSpace.of(DiscreteEps())
+    sigmas = perflow_sigmas(space, PerflowSettings(), 4, denoise=0.5)
+    assert [space.timestep_of(float(s)) for s in sigmas] == [500, 375, 250, 125, 0]
+
+
+def test_img2img_start_inside_a_segment_lands_on_the_straight_path():
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, PerflowSettings(), 3, denoise=0.5)  # starts at 625, inside [750, 500]
+    model.latent_image, model.noise = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 0.5)
+    x = model.latent_image + float(sigmas[0]) * model.noise  # KSAMPLER's img2img noise scaling
+    sample_perflow(model, x, sigmas, disable=True)
+    first_z = model.seen_inputs[0]
+    expected = PerflowScheduler().add_noise(model.latent_image, model.noise, torch.tensor([625]))
+    assert model.seen_timesteps[0] == 625
+    assert torch.allclose(first_z, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps, denoise", [(3, 1.0), (0, 1.0)])
+def test_too_few_steps_are_refused_naming_steps(steps, denoise):
+    with pytest.raises(ValueError, match="steps"):
+        perflow_sigmas(ModelSpace.of(DiscreteEps()), PerflowSettings(), steps, denoise)
+
+
+def test_a_model_family_that_cannot_work_is_refused():
+    with pytest.raises(ValueError, match="ModelSamplingContinuousEDM"):
+        ModelSpace.of(ModelSamplingContinuousEDM())
+
+
+def test_sigmas_that_do_not_decrease_are_refused():
+    model = ComfyLikeModel(DiscreteEps())
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample_perflow(model, torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 1.0, 0.0]), disable=True)
