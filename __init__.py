@@ -1,0 +1,12 @@
+"""ComfyUI entry point of the PeRFlow node pack (V3 API).
+
+ComfyUI imports this file from `custom_nodes/<pack>/`; `perflow_core` itself never needs ComfyUI.
+Imported anywhere else (pytest collects this folder as a package), there is nothing to register.
+"""
+
+from importlib.util import find_spec
+
+if find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint
+
+    __all__ = ["comfy_entrypoint"]

@@ -1,0 +1,31 @@
+"""The PeRFlow nodes (ComfyUI V3 schema API). They only build objects; the math is in perflow_core."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .dropdowns import register_dropdowns
+from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode
+from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSchedulerNode
+from .settings_node import PerflowSettingsNode
+
+NODES = [
+    PerflowSettingsNode,
+    PerflowSchedulerNode,
+    PerflowSamplerNode,
+    PerflowKSamplerNode,
+    PerflowCheckpointLoaderNode,
+    PerflowApplyDeltaNode,
+]
+
+
+class PerflowExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_dropdowns()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> PerflowExtension:
+    return PerflowExtension()

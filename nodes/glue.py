@@ -1,0 +1,69 @@
+"""ComfyUI-side glue: the KSAMPLER function and what it needs from ComfyUI's model objects."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, sample_perflow
+from ..perflow_core.settings import PerflowSettings
+
+logger = logging.getLogger(__name__)
+
+TIMESTEP_WRAPPER_KEY = "perflow_timesteps"
+
+
+@dataclass
+class PerflowChoice:
+    """The PERFLOW value passed between nodes: settings, with the parameterisation possibly 'auto'."""
+
+    settings: PerflowSettings
+    auto_prediction_type: bool = False
+
+    def resolved_for(self, base_model: Any) -> PerflowSettings:
+        if not self.auto_prediction_type:
+            return self.settings
+        return replace(self.settings, theta=self.settings.theta.clone(), prediction_type=default_prediction_type(base_model))
+
+
+def default_prediction_type(base_model: Any) -> str:
+    """The released PeRFlow models' parameterisation for a model family: SDXL ddim_eps, SD2.x-v and flow
+    models velocity, other eps models (SD1.x) diff_eps."""
+    space = ModelSpace.of(base_model.model_sampling)
+    if space.kind in ("v", "flow"):
+        return "velocity"
+    return "ddim_eps" if "SDXL" in type(base_model).__name__ else "diff_eps"
+
+
+def _shift_timesteps(executor, x, timesteps, *args, **kwargs):
+    # ComfyUI hands the UNet the index j of the training sigma (at most 999); PeRFlow feeds j + 1 (1000, 875, ...).
+    return executor(x, timesteps + 1, *args, **kwargs)
+
+
+def with_perflow_timesteps(extra_args: Optional[dict]) -> dict:
+    """A copy of extra_args whose model_options make the diffusion model see PeRFlow's timesteps."""
+    extra_args = dict(extra_args or {})
+    model_options = comfy.patcher_extension.copy_nested_dicts(extra_args.get("model_options", {}))
+    comfy.patcher_extension.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, TIMESTEP_WRAPPER_KEY, _shift_timesteps, model_options, is_model_options=True
+    )
+    extra_args["model_options"] = model_options
+    return extra_args
+
+
+def sample_perflow_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, choice: Optional[PerflowChoice] = None):
+    """KSAMPLER function: PeRFlow with the original's timesteps on any ComfyUI guider."""
+    base_model = model.inner_model.inner_model
+    space = ModelSpace.of(model_sampling_of(model))
+    settings = (choice or PerflowChoice(PerflowSettings(), auto_prediction_type=True)).resolved_for(base_model)
+    if space.kind != "flow":
+        extra_args = with_perflow_timesteps(extra_args)
+    return sample_perflow(model, x, sigmas, extra_args, callback, disable, settings=settings, space=space)
+
+
+def perflow_ksampler(choice: Optional[PerflowChoice]) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_perflow_comfy, extra_options={"choice": choice})

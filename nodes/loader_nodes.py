@@ -1,0 +1,139 @@
+"""PeRFlow checkpoint loader and the SD1.5 delta-weights merge."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
+from .glue import PerflowChoice, default_prediction_type
+from .settings_node import Perflow
+
+logger = logging.getLogger(__name__)
+
+DELTA_FOLDER = "perflow_deltas"
+folder_paths.add_model_folder_path(DELTA_FOLDER, os.path.join(folder_paths.models_dir, DELTA_FOLDER))
+
+
+def load_weights_and_settings(path: str):
+    """One read of the file: the model weights, its metadata, the PeRFlow settings from its perflow.*
+    entries, and whether the file names a parameterisation."""
+    if checkpoint_format(path) == "safetensors":
+        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    else:
+        state_dict, metadata = load_pickle_checkpoint(path), None
+    settings, weights = split_perflow_state_dict(state_dict, metadata)
+    return weights, metadata, settings, "prediction_type" in perflow_fields_in(state_dict, metadata)
+
+
+class PerflowCheckpointLoaderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowCheckpointLoader",
+            display_name="Load PeRFlow Checkpoint",
+            category="loaders",
+            description="Loads a checkpoint like Load Checkpoint and reads the PeRFlow settings stored in its perflow.* keys "
+            "(segments, boundaries, theta, parameterisation); files without them give the original PeRFlow settings.",
+            inputs=[
+                io.Combo.Input(
+                    "ckpt_name",
+                    options=folder_paths.get_filename_list("checkpoints"),
+                    tooltip="A checkpoint from models/checkpoints (.safetensors, or a legacy pickle read with weights_only).",
+                )
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The diffusion model."),
+                io.Clip.Output(tooltip="The text encoder."),
+                io.Vae.Output(tooltip="The VAE."),
+                Perflow.Output(display_name="perflow", tooltip="PeRFlow settings read from the file."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        try:
+            weights, metadata, settings, has_prediction_type = load_weights_and_settings(path)
+        except ValueError as error:
+            raise ValueError(f"ckpt_name {ckpt_name!r}: {error}") from None
+        loaded = comfy.sd.load_state_dict_guess_config(
+            weights,
+            output_vae=True,
+            output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"),
+            metadata=metadata,
+        )
+        if loaded is None:
+            raise ValueError(f"ckpt_name {ckpt_name!r}: ComfyUI could not detect the model type of this checkpoint")
+        model, clip, vae = loaded[:3]
+        choice = PerflowChoice(settings, auto_prediction_type=not has_prediction_type)
+        if not has_prediction_type:
+            logger.info("PeRFlow: %s has no perflow.prediction_type; using %s for this model family", ckpt_name, default_prediction_type(model.model))
+        return io.NodeOutput(model, clip, vae, choice)
+
+
+def diffusers_to_comfy_keys(model) -> dict[str, str]:
+    """diffusers UNet key -> ComfyUI state-dict key (with the diffusion_model. prefix)."""
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {diffusers_key: "diffusion_model." + comfy_key for diffusers_key, comfy_key in mapping.items()}
+
+
+def delta_patches(model, delta: dict) -> tuple[dict, list[str]]:
+    """Map delta keys (diffusers UNet names, optionally prefixed 'unet.', or ComfyUI names) onto the model's weights."""
+    to_comfy = diffusers_to_comfy_keys(model)
+    model_keys = model.model.state_dict()
+    patches, unknown = {}, []
+    for key, value in delta.items():
+        name = key[len("unet."):] if key.startswith("unet.") else key
+        target = to_comfy.get(name) or (name if name in model_keys else "diffusion_model." + name)
+        if target not in model_keys:
+            unknown.append(key)
+            continue
+        if tuple(model_keys[target].shape) != tuple(value.shape):
+            raise ValueError(f"delta key {key} has shape {list(value.shape)} but the model's {target} is {list(model_keys[target].shape)}")
+        patches[target] = (value,)
+    return patches, unknown
+
+
+class PerflowApplyDeltaNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowApplyDelta",
+            display_name="Apply PeRFlow Delta Weights",
+            category="loaders",
+            description="Turns an SD1.5 model into PeRFlow by adding the released delta weights (W = W_base + strength * dW, "
+            "hansyan/perflow-sd15-delta-weights), as a model patch: no full copy of the weights.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 model (any fine-tune)."),
+                io.Combo.Input(
+                    "delta_name",
+                    options=folder_paths.get_filename_list(DELTA_FOLDER),
+                    tooltip="A diffusers-format UNet delta in models/perflow_deltas (e.g. the release's diffusion_pytorch_model.safetensors, renamed).",
+                ),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="Scale of the delta; 1 is the release."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, delta_name: str, strength: float) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(DELTA_FOLDER, delta_name)
+        delta = comfy.utils.load_torch_file(path, safe_load=True)
+        try:
+            patches, unknown = delta_patches(model, delta)
+        except ValueError as error:
+            raise ValueError(f"delta_name {delta_name!r}: {error}") from None
+        if not patches:
+            raise ValueError(f"delta_name {delta_name!r}: none of its {len(delta)} keys matches this model's UNet; expected an SD1.5 diffusers UNet delta")
+        if unknown:
+            logger.warning("PeRFlow delta %s: %d of %d keys match no UNet weight and were skipped, e.g. %s", delta_name, len(unknown), len(delta), unknown[:3])
+        patched = model.clone()
+        patched.add_patches(patches, strength)
+        return io.NodeOutput(patched)

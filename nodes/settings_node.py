@@ -1,0 +1,84 @@
+"""PeRFlow settings: segments, boundaries, theta, parameterisation -> PERFLOW."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..perflow_core.segments import validate_boundaries
+from ..perflow_core.settings import PerflowSettings
+from ..perflow_core.theta import parse_theta_text
+from .glue import PerflowChoice
+
+Perflow = io.Custom("PERFLOW")
+PARAMETERISATIONS = ["auto", "diff_eps", "ddim_eps", "velocity"]
+
+
+def parse_boundaries_text(text: str) -> list[float] | None:
+    values = text.replace(";", ",").replace(",", " ").split()
+    if not values:
+        return None
+    try:
+        return validate_boundaries([float(v) for v in values])
+    except ValueError as error:
+        raise ValueError(f"boundaries: {error}") from None
+
+
+def build_choice(parameterisation: str, segments: int, boundaries: str = "", theta: str = "") -> PerflowChoice:
+    """Validate the widgets' values; every error names the input it comes from."""
+    if parameterisation not in PARAMETERISATIONS:
+        raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}; got {parameterisation!r}")
+    parsed_boundaries = parse_boundaries_text(boundaries)
+    count = segments if parsed_boundaries is None else len(parsed_boundaries) - 1
+    if parsed_boundaries is not None and count != segments:
+        raise ValueError(f"segments is {segments} but boundaries {boundaries!r} make {count} segments; make them agree")
+    try:
+        parsed_theta = parse_theta_text(theta, count)
+    except ValueError as error:
+        raise ValueError(f"theta: {error}") from None
+    settings = PerflowSettings(
+        segments=count,
+        segment_boundaries=parsed_boundaries,
+        theta=parsed_theta,
+        prediction_type="diff_eps" if parameterisation == "auto" else parameterisation,
+    )
+    return PerflowChoice(settings, auto_prediction_type=parameterisation == "auto")
+
+
+class PerflowSettingsNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowSettings",
+            display_name="PeRFlow Settings",
+            category="sampling/custom_sampling/perflow",
+            description="PeRFlow's segments (time windows), the learned correction theta and the parameterisation, "
+            "for the PeRFlow Scheduler, Sampler and KSampler. The defaults are the original PeRFlow.",
+            inputs=[
+                io.Combo.Input(
+                    "parameterisation",
+                    options=PARAMETERISATIONS,
+                    default="auto",
+                    tooltip="How the model's output is read. auto: SD1.x diff_eps, SDXL ddim_eps, SD2.x-v and flow models velocity "
+                    "(the released PeRFlow models).",
+                ),
+                io.Int.Input("segments", default=4, min=1, max=100, tooltip="Number of segments K (time windows). The released models use 4."),
+                io.String.Input(
+                    "boundaries",
+                    default="",
+                    tooltip="Optional segment boundaries in training timesteps, strictly decreasing from 1000 (or 999) to 0, "
+                    "e.g. '999, 700, 400, 150, 0'. Empty: K equal segments.",
+                ),
+                io.String.Input(
+                    "theta",
+                    default="",
+                    multiline=True,
+                    tooltip="Optional per-segment correction: one row per segment separated by ';', up to 3 numbers each "
+                    "(gain, window-end scale, velocity change), e.g. '0.1, 0, 0.2; 0, 0, 0; ...'. Empty: theta = 0 (the original).",
+                ),
+            ],
+            outputs=[Perflow.Output(display_name="perflow", tooltip="PeRFlow settings for the PeRFlow nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, parameterisation: str, segments: int, boundaries: str, theta: str) -> io.NodeOutput:
+        return io.NodeOutput(build_choice(parameterisation, segments, boundaries, theta))
