@@ -171,15 +171,15 @@ def sample_perflow(
     z = start_on_path(model, x, space, windows[0], full_denoise)
     theta = settings.theta.to(x.device)
     ones = x.new_ones([x.shape[0]])
-    previous_velocity = None
+    previous_output = None
     for i in trange(len(windows), disable=disable):
         window = windows[i]
         sigma = space.sigma_of(timesteps[i])
         x_in = space.from_path(z, sigma)
         denoised = model(x_in, sigma * ones, **extra_args)
         output = space.raw_output(x_in, sigma, denoised)
-        result = perflow_step(settings.prediction_type, output, z, window, theta[window.index], previous_velocity, i, timesteps[i])
-        previous_velocity, z = result.velocity, result.prev_sample
+        result = perflow_step(settings.prediction_type, output, z, window, theta[window.index], previous_output, i, timesteps[i])
+        previous_output, z = output, result.prev_sample
         if callback is not None:
             preview = denoised if space.kind == "flow" else result.pred_original_sample
             callback({"x": space.from_path(z, space.sigma_of(timesteps[i + 1])), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})

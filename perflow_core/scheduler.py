@@ -272,18 +272,18 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"eta must be 0 (PeRFlow sampling is deterministic); got eta={eta}")
         t = _as_number(timestep)
         index, window = self._locate(t)
-        previous_velocity = self._previous[1] if self._previous is not None and self._previous[0] == index - 1 >= 0 else None
+        previous_output = self._previous[1] if self._previous is not None and self._previous[0] == index - 1 >= 0 else None
         result = perflow_step(
             self.prediction_type,
             model_output,
             sample,
             window,
             theta_row=self.theta[window.index].to(sample.device),
-            previous_velocity=previous_velocity,
+            previous_output=previous_output,
             step_index=index,
             timestep=t,
         )
-        self._previous = (index, result.velocity)
+        self._previous = (index, model_output)
         self._step_index = index + 1 if index >= 0 else self._step_index
         prev_sample = result.prev_sample.to(sample.dtype)
         pred_original = result.pred_original_sample.to(sample.dtype)

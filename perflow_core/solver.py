@@ -20,7 +20,7 @@ class StepResult:
 
     Args:
         prev_sample: the sample at ``t_next``.
-        velocity: the velocity of the straight path (before theta); the next step's ``v_prev``.
+        velocity: the velocity of the straight path (before theta).
         window_end: the predicted end of the current window.
         pred_original_sample: an x0 estimate for previews (see ``clean_estimate``).
     """
@@ -32,16 +32,25 @@ class StepResult:
 
 
 def theta_features(
+    prediction_type: str,
+    sample: torch.Tensor,
     velocity: torch.Tensor,
     window_end: torch.Tensor,
-    previous_velocity: Optional[torch.Tensor],
+    previous_output: Optional[torch.Tensor],
     window: Window,
 ) -> list[torch.Tensor]:
-    """The three terms that theta's columns weight; the step is ``x + dt*v + sum_j theta_j * f_j``."""
+    """The three terms that theta's columns weight; the step is ``x + dt*v + sum_j theta_j * f_j``.
+
+    The third is the change in the model output since the previous step, mapped through this step's
+    parameterisation: ``dt * (v(o) - v(o_prev))`` at the current sample (zero at the first step).
+    """
     dt = window.t_next - window.t
     share_of_window = dt / time_to_window_end(window)
-    velocity_change = torch.zeros_like(velocity) if previous_velocity is None else velocity - previous_velocity
-    return [dt * velocity, share_of_window * window_end, dt * velocity_change]
+    if previous_output is None:
+        output_change = torch.zeros_like(velocity)
+    else:
+        output_change = dt * (velocity - velocity_and_window_end(prediction_type, previous_output, sample, window)[0])
+    return [dt * velocity, share_of_window * window_end, output_change]
 
 
 def theta_is_zero(theta_row: Optional[torch.Tensor]) -> bool:
@@ -54,7 +63,7 @@ def perflow_step(
     sample: torch.Tensor,
     window: Window,
     theta_row: Optional[torch.Tensor] = None,
-    previous_velocity: Optional[torch.Tensor] = None,
+    previous_output: Optional[torch.Tensor] = None,
     step_index: Optional[int] = None,
     timestep: Optional[float] = None,
 ) -> StepResult:
@@ -66,7 +75,7 @@ def perflow_step(
         sample: the current sample z at t_c.
         window: the step's place on the path (``Segments.window``).
         theta_row: this segment's theta row ``[3]``; ``None`` or zeros give the original step.
-        previous_velocity: the velocity of the previous step, for theta's third column.
+        previous_output: the raw model output of the previous step, for theta's third column.
         step_index, timestep: only used in error messages.
     """
     if not bool(torch.isfinite(model_output).all()):
@@ -79,7 +88,7 @@ def perflow_step(
     base = sample + dt * velocity
     prev_sample = base
     if not theta_is_zero(theta_row):
-        features = theta_features(velocity, window_end, previous_velocity, window)
+        features = theta_features(prediction_type, sample, velocity, window_end, previous_output, window)
         correction = sum(theta_row[j].to(sample.dtype) * f for j, f in enumerate(features))
         prev_sample = base + correction
         if not bool(torch.isfinite(prev_sample).all()) and bool(torch.isfinite(base).all()):

@@ -7,11 +7,12 @@ inside window k, with velocity v, predicted window end z_e, ``dt = t_next - t_c`
     x_next = x + dt * v                                  (the original PeRFlow step)
            + theta[k, 0] * dt * v                        (gain on the step)
            + theta[k, 1] * r * z_e                       (scale on the predicted window end)
-           + theta[k, 2] * dt * (v - v_prev)             (weight on the change in velocity since the
-                                                          previous step: a learned two-step correction)
+           + theta[k, 2] * dt * (v(o) - v(o_prev))       (weight on the change in the model output since
+                                                          the previous step: a learned two-step correction)
 
 Each step is linear in theta, so theta can be fitted per segment by least squares; theta = 0 is the
-original exactly. ``v_prev`` is the previous step's velocity (none at the first step).
+original exactly. ``v(o_prev)`` is the velocity the previous step's raw output ``o_prev`` gives with this
+step's sample and coefficients (the term is 0 at the first step).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-THETA_COLUMNS = ("gain", "window_end_scale", "velocity_change")
+THETA_COLUMNS = ("gain", "window_end_scale", "output_change")
 NUM_THETA_COLUMNS = len(THETA_COLUMNS)
-# Within this range every correction is at most the size of the step itself; fits stay well inside.
-THETA_DOCUMENTED_RANGE = (-1.0, 1.0)
+# Fitted values stay well inside; any finite theta gives finite steps for finite inputs.
+THETA_DOCUMENTED_RANGE = (-4.0, 4.0)
 
 
 def zero_theta(num_segments: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_step_is_linear_in_theta(prediction_type):
     base = perflow_step(prediction_type, output, sample, window).prev_sample
     theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
     stepped = perflow_step(prediction_type, output, sample, window, theta, previous)
-    features = theta_features(stepped.velocity, stepped.window_end, previous, window)
+    features = theta_features(prediction_type, sample, stepped.velocity, stepped.window_end, previous, window)
     expected = base + sum(theta[j] * features[j] for j in range(3))
     assert torch.allclose(stepped.prev_sample, expected, atol=1e-12)
 
@@ -79,12 +79,21 @@ def test_gain_column_scales_the_step():
     assert torch.allclose(gained - sample, 2 * (base - sample))
 
 
-def test_velocity_change_column_does_nothing_at_the_first_step():
+def test_output_change_column_does_nothing_at_the_first_step():
     sample, output = torch.ones(1, 4), torch.full((1, 4), 0.5)
     window = _window()
     base = perflow_step("velocity", output, sample, window).prev_sample
     corrected = perflow_step("velocity", output, sample, window, torch.tensor([0.0, 0.0, 0.7])).prev_sample
     assert torch.equal(corrected, base)
+
+
+def test_output_change_column_weights_the_change_in_the_model_output():
+    sample, output, previous = torch.ones(1, 4), torch.full((1, 4), 0.5), torch.full((1, 4), 0.2)
+    window = _window()
+    base = perflow_step("velocity", output, sample, window).prev_sample
+    corrected = perflow_step("velocity", output, sample, window, torch.tensor([0.0, 0.0, 0.5]), previous).prev_sample
+    dt = window.t_next - window.t
+    assert torch.allclose(corrected - base, 0.5 * dt * (output - previous))
 
 
 def test_non_finite_correction_falls_back_to_the_plain_step_with_a_warning(caplog):
