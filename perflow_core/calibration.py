@@ -1,0 +1,232 @@
+"""Fit theta for a model: per-segment least squares against a many-step teacher, no backpropagation.
+
+Every PeRFlow step is linear in its segment's theta row (``theta.py``):
+``x_next = base + F @ theta[k]`` with ``base`` the original step and ``F`` the three feature terms.
+Running the K-step sampler on the fit seeds and collecting, per segment, ``F`` and the residual
+``target - base`` against the teacher's state at the same time gives a 3x3 least-squares problem per
+segment. Segments are fitted in order, each with the sampler's own states (earlier segments already
+corrected); a segment with several steps is refitted a few times, since its later steps start from
+states that depend on its own theta.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .segments import Segments, Window
+from .settings import PerflowSettings
+from .solver import perflow_step, theta_features
+from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
+
+# model_fn(z, timestep) -> raw network output, in PeRFlow's space (z as the original scheduler feeds it).
+ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
+# teacher(noise) -> the teacher's states at every student step end, [steps] tensors like noise.
+Teacher = Callable[[torch.Tensor], List[torch.Tensor]]
+
+DEFAULT_RIDGE = 1e-8
+
+
+@dataclass
+class StudentPlan:
+    """The K-step sampler being calibrated: its timesteps and windows."""
+
+    settings: PerflowSettings
+    timesteps: List[float]
+    alphas_cumprod: torch.Tensor
+
+    def __post_init__(self) -> None:
+        segments = self.settings.build_segments()
+        ends = self.timesteps[1:] + [0.0]
+        self.windows: List[Window] = [segments.window(t, t_next, self.alphas_cumprod) for t, t_next in zip(self.timesteps, ends)]
+
+    @classmethod
+    def build(cls, settings: PerflowSettings, steps: int, alphas_cumprod: torch.Tensor) -> "StudentPlan":
+        """The original's grid for ``steps`` calls (at least one per segment)."""
+        segments = settings.build_segments()
+        grid = [float(t) for t in segments.timesteps(max(steps, len(segments)))]
+        return cls(settings, grid, alphas_cumprod)
+
+
+@dataclass
+class CalibrationReport:
+    """What calibration found, measured on held-out seeds (never the fit seeds).
+
+    Args:
+        theta: the fitted ``[K, 3]`` theta.
+        error_before, error_after: RMSE of the final sample to the teacher's, theta = 0 and fitted.
+        fit_samples, holdout_samples: how many seeds each set had.
+        teacher_seconds, total_seconds: wall time of the teacher runs and of the whole calibration.
+        teacher_calls, student_calls: network evaluations (per sample) of teacher and student runs.
+    """
+
+    theta: torch.Tensor
+    error_before: float
+    error_after: float
+    fit_samples: int
+    holdout_samples: int
+    teacher_seconds: float
+    total_seconds: float
+    teacher_calls: int
+    student_calls: int
+    segment_errors_before: List[float] = field(default_factory=list)
+    segment_errors_after: List[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.error_after / max(self.error_before, 1e-30)
+
+    def summary(self) -> str:
+        return (
+            f"held-out RMSE to the teacher: theta=0 {self.error_before:.5f} -> calibrated {self.error_after:.5f} "
+            f"(ratio {self.ratio:.3f}; {self.fit_samples} fit / {self.holdout_samples} held-out seeds); "
+            f"time {self.total_seconds:.1f} s, of which teacher {self.teacher_seconds:.1f} s"
+        )
+
+
+def run_student(model_fn: ModelFn, plan: StudentPlan, noise: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """The sampler's states after every step (theta = 0 when not given)."""
+    theta = plan.settings.theta if theta is None else theta
+    z, previous, states = noise, None, []
+    for i, window in enumerate(plan.windows):
+        output = model_fn(z, plan.timesteps[i])
+        z = perflow_step(plan.settings.prediction_type, output, z, window, theta[window.index].to(z), previous, i, plan.timesteps[i]).prev_sample
+        previous = output
+        states.append(z)
+    return states
+
+
+def perflow_teacher(model_fn: ModelFn, plan: StudentPlan, multiplier: int = 8) -> Teacher:
+    """The PeRFlow flow of the same model (theta = 0) with ``multiplier`` times the steps.
+
+    Each student step is cut into ``multiplier`` equal steps (integer timesteps), so the teacher passes
+    through every student timestep and its state there is the target.
+    """
+    if multiplier < 1:
+        raise ValueError(f"teacher multiplier must be >= 1; got {multiplier}")
+    ends = plan.timesteps[1:] + [0.0]
+    fine: List[float] = []
+    marks: List[int] = []
+    for start, end in zip(plan.timesteps, ends):
+        fine += _subdivide(start, end, multiplier)
+        marks.append(len(fine) - 1)
+    teacher_plan = StudentPlan(plan.settings, fine, plan.alphas_cumprod)
+    zero = torch.zeros_like(plan.settings.theta)
+
+    def teacher(noise: torch.Tensor) -> List[torch.Tensor]:
+        states = run_student(model_fn, teacher_plan, noise, zero)
+        return [states[m] for m in marks]
+
+    teacher.calls_per_sample = len(fine)  # type: ignore[attr-defined]
+    return teacher
+
+
+def _subdivide(start: float, end: float, parts: int) -> List[float]:
+    points = sorted({round(start + (end - start) * j / parts) for j in range(parts)} | {start}, reverse=True)
+    return [float(p) for p in points if p > end]
+
+
+def fit_theta(
+    model_fn: ModelFn,
+    plan: StudentPlan,
+    noise: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    refits: int = 3,
+    ridge: float = DEFAULT_RIDGE,
+) -> torch.Tensor:
+    """Per-segment least squares of theta so the sampler's states match ``targets`` (one per step)."""
+    theta = torch.zeros(len(plan.settings.build_segments()), NUM_THETA_COLUMNS, dtype=torch.float64)
+    z_segment, previous_segment = noise, None
+    for k in sorted({w.index for w in plan.windows}):
+        steps = [i for i, w in enumerate(plan.windows) if w.index == k]
+        for _ in range(refits if len(steps) > 1 else 1):
+            normal, rhs = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+            z, previous = z_segment, previous_segment
+            for i in steps:
+                z, previous, features, residual = _step_with_features(model_fn, plan, i, z, previous, theta[k], targets[i])
+                normal += features.T @ features
+                rhs += features.T @ residual
+            theta[k] = _solve_ridge(normal, rhs, ridge)
+        z_segment, previous_segment = _advance(model_fn, plan, steps, z_segment, previous_segment, theta[k])
+    return theta
+
+
+def _advance(model_fn: ModelFn, plan: StudentPlan, steps: List[int], z: torch.Tensor, previous: Optional[torch.Tensor], theta_row: torch.Tensor):
+    """Run a segment's steps with its fitted theta row: the next segment starts from these states."""
+    for i in steps:
+        output = model_fn(z, plan.timesteps[i])
+        z = perflow_step(plan.settings.prediction_type, output, z, plan.windows[i], theta_row.to(z), previous, i, plan.timesteps[i]).prev_sample
+        previous = output
+    return z, previous
+
+
+def _step_with_features(model_fn: ModelFn, plan: StudentPlan, i: int, z: torch.Tensor, previous: Optional[torch.Tensor], theta_row: torch.Tensor, target: torch.Tensor):
+    window = plan.windows[i]
+    output = model_fn(z, plan.timesteps[i])
+    result = perflow_step(plan.settings.prediction_type, output, z, window, None, None, i, plan.timesteps[i])
+    terms = theta_features(plan.settings.prediction_type, z, result.velocity, result.window_end, previous, window)
+    features = torch.stack([t.double().flatten() for t in terms], dim=1)
+    residual = (target.double() - result.prev_sample.double()).flatten()
+    z_next = result.prev_sample + sum(float(theta_row[j]) * terms[j] for j in range(NUM_THETA_COLUMNS))
+    return z_next, output, features, residual
+
+
+def _solve_ridge(normal: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    scale = float(normal.diagonal().max()) or 1.0
+    solution = torch.linalg.solve(normal + ridge * scale * torch.eye(3, dtype=normal.dtype), rhs)
+    low, high = THETA_DOCUMENTED_RANGE
+    return solution.clamp(low, high)
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def calibrate_theta(
+    model_fn: ModelFn,
+    settings: PerflowSettings,
+    steps: int,
+    alphas_cumprod: torch.Tensor,
+    fit_noise: torch.Tensor,
+    holdout_noise: torch.Tensor,
+    teacher: Optional[Teacher] = None,
+    teacher_multiplier: int = 8,
+    refits: int = 3,
+) -> CalibrationReport:
+    """Fit theta on ``fit_noise`` and report before/after errors on ``holdout_noise``.
+
+    Args:
+        model_fn: ``model_fn(z, timestep) -> raw output`` (conditioning and CFG folded in by the caller).
+        settings: segments and parameterisation (its theta is ignored and refitted).
+        steps: network calls of the calibrated sampler.
+        alphas_cumprod: the model's training noise levels.
+        fit_noise, holdout_noise: initial noise; the two sets must differ.
+        teacher: targets at every step end; default the PeRFlow flow at ``teacher_multiplier`` x steps.
+    """
+    started = time.perf_counter()
+    plan = StudentPlan.build(settings, steps, alphas_cumprod)
+    teacher = teacher or perflow_teacher(model_fn, plan, teacher_multiplier)
+    teacher_started = time.perf_counter()
+    fit_targets = teacher(fit_noise)
+    holdout_targets = teacher(holdout_noise)
+    teacher_seconds = time.perf_counter() - teacher_started
+    theta = fit_theta(model_fn, plan, fit_noise, fit_targets, refits)
+    zero = torch.zeros_like(theta)
+    before = run_student(model_fn, plan, holdout_noise, zero)
+    after = run_student(model_fn, plan, holdout_noise, theta)
+    return CalibrationReport(
+        theta=theta,
+        error_before=rmse(before[-1], holdout_targets[-1]),
+        error_after=rmse(after[-1], holdout_targets[-1]),
+        fit_samples=len(fit_noise),
+        holdout_samples=len(holdout_noise),
+        teacher_seconds=teacher_seconds,
+        total_seconds=time.perf_counter() - started,
+        teacher_calls=int(getattr(teacher, "calls_per_sample", 0)),
+        student_calls=len(plan.windows),
+        segment_errors_before=[rmse(b, t) for b, t in zip(before, holdout_targets)],
+        segment_errors_after=[rmse(a, t) for a, t in zip(after, holdout_targets)],
+    )
