@@ -230,3 +230,21 @@ def calibrate_theta(
         segment_errors_before=[rmse(b, t) for b, t in zip(before, holdout_targets)],
         segment_errors_after=[rmse(a, t) for a, t in zip(after, holdout_targets)],
     )
+
+
+def diffusers_model_fn(unet, encoder_hidden_states=None, negative_encoder_hidden_states=None, guidance_scale: float = 1.0) -> ModelFn:
+    """``model_fn`` for a diffusers UNet: the raw output at (z, t), with classifier-free guidance
+    ``uncond + guidance_scale * (cond - uncond)`` when negative embeddings are given."""
+
+    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
+        t = torch.full((z.shape[0],), float(timestep), device=z.device)
+        with torch.no_grad():
+            if encoder_hidden_states is None:
+                return unet(z, t).sample
+            cond = unet(z, t, encoder_hidden_states=encoder_hidden_states).sample
+            if negative_encoder_hidden_states is None or guidance_scale == 1.0:
+                return cond
+            uncond = unet(z, t, encoder_hidden_states=negative_encoder_hidden_states).sample
+            return uncond + guidance_scale * (cond - uncond)
+
+    return model_fn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .parameterization import canonical_prediction_type, path_noise_scales
 from .segments import Segments, Window, validate_num_segments
 from .solver import perflow_step
 from .theta import as_theta, theta_to_list
+
+if TYPE_CHECKING:
+    from .settings import PerflowSettings
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,49 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             new_theta.requires_grad_(True)
         self.theta = new_theta
         self.register_to_config(theta_init=theta_to_list(new_theta))
+
+    def perflow_settings(self) -> "PerflowSettings":
+        """This scheduler's segments, parameterisation and theta as [`PerflowSettings`]."""
+        from .settings import PerflowSettings
+
+        return PerflowSettings(
+            segments=len(self.segments),
+            segment_boundaries=None if self.config.segment_boundaries is None else self.segments.boundaries,
+            theta=self.theta.detach(),
+            prediction_type=self.prediction_type,
+            num_train_timesteps=self.config.num_train_timesteps,
+        )
+
+    def calibrate(
+        self,
+        model_fn: Callable[[torch.Tensor, float], torch.Tensor],
+        fit_noise: torch.Tensor,
+        holdout_noise: torch.Tensor,
+        num_inference_steps: int = 4,
+        teacher_multiplier: int = 8,
+        teacher: Optional[Callable[[torch.Tensor], List[torch.Tensor]]] = None,
+    ):
+        """Fit theta for a model and keep it (see `perflow_core.calibration`).
+
+        Args:
+            model_fn (`Callable`): `model_fn(sample, timestep) -> raw model output`, with conditioning and
+                classifier-free guidance folded in (see `perflow_core.calibration.diffusers_model_fn`).
+            fit_noise (`torch.Tensor`): initial noise of the samples theta is fitted on.
+            holdout_noise (`torch.Tensor`): other noise, only for the before/after report.
+            num_inference_steps (`int`): the step count theta is fitted for.
+            teacher_multiplier (`int`): the default teacher is this scheduler's own flow at this many times the steps.
+            teacher: or any `teacher(noise) -> states at every step end`.
+
+        Returns:
+            `CalibrationReport` with theta and the held-out errors before and after.
+        """
+        from .calibration import calibrate_theta
+
+        report = calibrate_theta(
+            model_fn, self.perflow_settings(), num_inference_steps, self.alphas_cumprod, fit_noise, holdout_noise, teacher, teacher_multiplier
+        )
+        self.set_theta(report.theta)
+        return report
 
     # ----------------------------------------------------------------------------------- time steps
     @property

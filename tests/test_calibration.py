@@ -59,3 +59,32 @@ def test_calibration_is_deterministic(model_fn):
         ).theta
 
     assert torch.equal(fit(), fit())
+
+
+def test_scheduler_calibrate_keeps_theta_and_saves_it(model_fn, tmp_path):
+    from perflow_core import PerflowScheduler
+
+    scheduler = PerflowScheduler(prediction_type="ddim_eps", learn_theta=True)
+    report = scheduler.calibrate(model_fn, noise_for_seeds(range(32)).double(), noise_for_seeds(range(500, 516)).double())
+    assert torch.allclose(scheduler.theta.detach(), report.theta)
+    scheduler.save_pretrained(tmp_path)
+    assert torch.allclose(PerflowScheduler.from_pretrained(tmp_path).theta, report.theta)
+
+
+def test_diffusers_model_fn_combines_guidance_by_hand():
+    from diffusers import UNet2DConditionModel
+
+    from perflow_core.calibration import diffusers_model_fn
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=2,
+        cross_attention_dim=8, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    cond, uncond, z = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8, 8)
+    guided = diffusers_model_fn(unet, cond, uncond, guidance_scale=3.0)(z, 750)
+    with torch.no_grad():
+        c = unet(z, torch.tensor([750.0]), encoder_hidden_states=cond).sample
+        u = unet(z, torch.tensor([750.0]), encoder_hidden_states=uncond).sample
+    assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-6)
