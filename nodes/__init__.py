@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .calibration_nodes import PerflowCalibrateNode, PerflowLoadThetaNode, PerflowSaveThetaNode
 from .dropdowns import register_dropdowns
 from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode
 from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSchedulerNode
@@ -16,6 +17,9 @@ NODES = [
     PerflowKSamplerNode,
     PerflowCheckpointLoaderNode,
     PerflowApplyDeltaNode,
+    PerflowCalibrateNode,
+    PerflowSaveThetaNode,
+    PerflowLoadThetaNode,
 ]
 
 

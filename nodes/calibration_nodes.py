@@ -1,0 +1,175 @@
+"""Calibrate theta on the user's own model, save it, and load it back."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import comfy.samplers
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..perflow_core.calibration import calibrate_theta
+from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint
+from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, perflow_sigmas
+from ..perflow_core.report_plot import calibration_chart
+from .glue import PerflowChoice, with_perflow_timesteps
+from .sampling_nodes import SETTINGS_TOOLTIP, choice_or_default
+from .settings_node import Perflow
+
+THETA_FOLDER = "perflow_theta"
+folder_paths.add_model_folder_path(THETA_FOLDER, os.path.join(folder_paths.models_dir, THETA_FOLDER))
+NO_CHECKPOINT = "(standalone theta file)"
+HOLDOUT_SEED_OFFSET = 1_000_000
+
+
+def seeded_noise(shape, seeds) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def comfy_model_fn(model, extra_args, space: ModelSpace):
+    """model_fn(z, timestep) -> raw output, through ComfyUI's wrapped model (CFG and patches applied)."""
+    extra_args = with_perflow_timesteps(extra_args) if space.kind != "flow" else extra_args
+
+    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
+        sigma = space.sigma_of(timestep)
+        x = space.from_path(z, sigma)
+        return space.raw_output(x, sigma, model(x, sigma * x.new_ones([x.shape[0]]), **extra_args))
+
+    return model_fn
+
+
+def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoice, steps, teacher_multiplier, samples, holdout, seed):
+    """Calibrate inside a ComfyUI sampling call, so the model is loaded and the conditioning prepared."""
+    found = {}
+    shape = latent["samples"].shape[1:]
+
+    def calibration_function(wrapped, x, sigmas, extra_args=None, callback=None, disable=None):
+        space = ModelSpace.of(model_sampling_of(wrapped))
+        settings = choice.resolved_for(wrapped.inner_model.inner_model)
+        fit = seeded_noise(shape, range(seed, seed + samples)).to(x)
+        held_out = seeded_noise(shape, range(seed + HOLDOUT_SEED_OFFSET, seed + HOLDOUT_SEED_OFFSET + holdout)).to(x)
+        model_fn = comfy_model_fn(wrapped, extra_args, space)
+        found["report"] = calibrate_theta(model_fn, settings, steps, space.alphas_cumprod, fit, held_out, teacher_multiplier=teacher_multiplier)
+        found["settings"] = settings
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    space = ModelSpace.of(model.get_model_object("model_sampling"))
+    sigmas = perflow_sigmas(space, choice.settings, steps)
+    empty = torch.zeros((1,) + tuple(shape))
+    guider.sample(empty, empty, comfy.samplers.KSAMPLER(calibration_function), sigmas, seed=seed)
+    return found["settings"], found["report"]
+
+
+def chart_tensor(report) -> torch.Tensor:
+    image = calibration_chart(report.segment_errors_before, report.segment_errors_after, "held-out RMSE to the teacher after each step")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+class PerflowCalibrateNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowCalibrate",
+            display_name="PeRFlow Calibrate Theta",
+            category="sampling/custom_sampling/perflow",
+            description="Learns theta for this model, prompt and step count: the K-step PeRFlow sampler is fitted by least squares "
+            "to a many-step teacher (the same PeRFlow flow at teacher_multiplier x the steps). Reports the error on held-out seeds.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to calibrate for."),
+                io.Conditioning.Input("positive", tooltip="Conditioning used while calibrating."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning used while calibrating."),
+                io.Latent.Input("latent_image", tooltip="Sets the latent size (an Empty Latent Image)."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale to calibrate for."),
+                io.Int.Input("steps", default=4, min=1, max=100, tooltip="Step count to calibrate for."),
+                io.Int.Input("teacher_multiplier", default=8, min=2, max=64, tooltip="The teacher takes this many times the steps."),
+                io.Int.Input("samples", default=16, min=1, max=4096, tooltip="Noise seeds theta is fitted on."),
+                io.Int.Input("holdout_samples", default=8, min=1, max=4096, tooltip="Other seeds, only to report the error before and after."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="First fit seed; held-out seeds start 1,000,000 later."),
+                Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP),
+            ],
+            outputs=[
+                Perflow.Output(display_name="perflow", tooltip="The settings with the learned theta."),
+                io.Image.Output(display_name="report_chart", tooltip="Held-out error after each step, before and after."),
+                io.String.Output(display_name="report", tooltip="The numbers."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, cfg, steps, teacher_multiplier, samples, holdout_samples, seed, perflow=None) -> io.NodeOutput:
+        choice = choice_or_default(perflow)
+        settings, report = run_calibration(model, positive, negative, cfg, latent_image, choice, steps, teacher_multiplier, samples, holdout_samples, seed)
+        learned = PerflowChoice(replace(settings, theta=report.theta), auto_prediction_type=False)
+        text = f"{report.summary()}\ntheta (gain, window-end scale, output change) per segment:\n" + "\n".join(
+            ", ".join(f"{v:.4f}" for v in row) for row in report.theta.tolist()
+        )
+        chart = chart_tensor(report)
+        return io.NodeOutput(learned, chart, text, ui={**ui.PreviewImage(chart, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()})
+
+
+class PerflowSaveThetaNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowSaveTheta",
+            display_name="Save PeRFlow Theta",
+            category="sampling/custom_sampling/perflow",
+            description="Writes the PeRFlow settings (theta, segments, parameterisation) into a new copy of a checkpoint "
+            "(models/checkpoints, perflow.* keys) or into a small standalone theta file (models/perflow_theta).",
+            is_output_node=True,
+            inputs=[
+                Perflow.Input("perflow", tooltip="Settings to save, e.g. from PeRFlow Calibrate Theta."),
+                io.String.Input("filename", default="perflow_theta", tooltip="Name of the new file (without extension)."),
+                io.Combo.Input(
+                    "ckpt_name",
+                    options=[NO_CHECKPOINT] + folder_paths.get_filename_list("checkpoints"),
+                    default=NO_CHECKPOINT,
+                    tooltip="A checkpoint to copy with the settings added, or a standalone theta file.",
+                ),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
+        )
+
+    @classmethod
+    def execute(cls, perflow, filename: str, ckpt_name: str) -> io.NodeOutput:
+        name = os.path.basename(filename.strip()) or "perflow_theta"
+        if ckpt_name == NO_CHECKPOINT:
+            path = os.path.join(folder_paths.get_folder_paths(THETA_FOLDER)[0], f"{name}.safetensors")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_theta_file(path, perflow.settings)
+        else:
+            source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+            path = os.path.join(os.path.dirname(source), f"{name}.safetensors")
+            if os.path.exists(path):
+                raise ValueError(f"filename: {path} already exists; choose another name")
+            write_perflow_checkpoint(source, path, perflow.settings)
+        return io.NodeOutput(path, ui=ui.PreviewText(f"wrote {path}"))
+
+
+class PerflowLoadThetaNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowLoadTheta",
+            display_name="Load PeRFlow Theta",
+            category="loaders",
+            description="Reads PeRFlow settings from a standalone theta file (models/perflow_theta).",
+            inputs=[
+                io.Combo.Input("theta_name", options=folder_paths.get_filename_list(THETA_FOLDER), tooltip="A file written by Save PeRFlow Theta or `perflow calibrate`."),
+            ],
+            outputs=[Perflow.Output(display_name="perflow", tooltip="The settings in the file.")],
+        )
+
+    @classmethod
+    def execute(cls, theta_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(THETA_FOLDER, theta_name)
+        try:
+            settings = read_perflow_settings(path)
+        except ValueError as error:
+            raise ValueError(f"theta_name {theta_name!r}: {error}") from None
+        return io.NodeOutput(PerflowChoice(settings))
