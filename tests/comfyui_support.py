@@ -1,0 +1,400 @@
+"""Shared helpers for the tests that run against a real ComfyUI checkout (``COMFYUI_PATH``).
+
+* ``requires_comfyui``: skip marker for every such test (CI has no ComfyUI).
+* ``build_tiny_sd15_checkpoint(path, perflow=None, seed=0)``: a small single-file checkpoint with the
+  SD1.5 (LDM) key layout that ComfyUI's ``load_state_dict_guess_config`` / CheckpointLoaderSimple
+  detects as SD1.x. It does not import ComfyUI, so server tests can build it in the test process.
+* ``import_comfy()`` / ``import_pack()``: ComfyUI in-process on the CPU and this repository as the
+  package ``comfyui_perflow_pack`` (as ComfyUI imports it from ``custom_nodes/``).
+* session fixtures ``tiny_sd15_checkpoint`` (built once per session), ``comfy``, ``perflow_pack`` and
+  ``tiny_sd15`` (MODEL, CLIP, VAE loaded from the tiny checkpoint). Import them into a test module.
+
+The tiny checkpoint
+-------------------
+UNet (``model.diffusion_model.*``): model_channels 320, context_dim 768, in/out channels 4, one level
+(channel_mult [1], num_res_blocks [1], no downsampling), one SpatialTransformer (conv proj_in, as
+SD1.x) after the first res block, no middle block, two output res blocks, about 13.6M parameters.
+ComfyUI's detection reads model_channels, context_dim, use_linear_in_transformer=False,
+adm_in_channels=None and no temporal layers, which is all that ``supported_models.SD15`` matches on
+(comfy/supported_models.py:30-37, comfy/model_detection.py:513-637). Without downsampling it runs on
+latents of any size.
+
+Text encoder (``cond_stage_model.transformer.text_model.*``): the full CLIP ViT-L/14 text model
+(12 layers, width 768, 123M parameters; CheckpointLoaderSimple builds it at this fixed size), random,
+stored as fp16 (about 246 MB).
+
+VAE (``first_stage_model.taesd_encoder.* / taesd_decoder.*``): TAESD, which comfy/sd.py VAE.__init__
+detects by ``taesd_decoder.1.weight`` (about 2.4M parameters).
+
+Weights are seeded normal draws scaled by 1/sqrt(fan_in) (norm layers: weight 1, bias 0), so every
+output is finite and of order one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+requires_comfyui = pytest.mark.skipif(
+    not COMFYUI_PATH, reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped (point it at a ComfyUI checkout)"
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui_perflow_pack"
+
+# ----------------------------------------------------------------------------- checkpoint layout
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+VAE_PREFIX = "first_stage_model."
+MODEL_CHANNELS = 320
+CONTEXT_DIM = 768
+TIME_EMBED_DIM = 4 * MODEL_CHANNELS
+LATENT_CHANNELS = 4
+
+# kinds: "w" weight (normal / sqrt(fan_in)), "b" bias, "one"/"zero" norm weight/bias, "emb" embedding table
+Shapes = Dict[str, Tuple[Tuple[int, ...], str]]
+
+
+def _norm(shapes: Shapes, prefix: str, channels: int) -> None:
+    shapes[prefix + "weight"] = ((channels,), "one")
+    shapes[prefix + "bias"] = ((channels,), "zero")
+
+
+def _dense(shapes: Shapes, prefix: str, shape: Tuple[int, ...], bias: bool = True) -> None:
+    shapes[prefix + "weight"] = (shape, "w")
+    if bias:
+        shapes[prefix + "bias"] = ((shape[0],), "b")
+
+
+def _res_block(shapes: Shapes, prefix: str, channels_in: int, channels_out: int) -> None:
+    _norm(shapes, prefix + "in_layers.0.", channels_in)
+    _dense(shapes, prefix + "in_layers.2.", (channels_out, channels_in, 3, 3))
+    _dense(shapes, prefix + "emb_layers.1.", (channels_out, TIME_EMBED_DIM))
+    _norm(shapes, prefix + "out_layers.0.", channels_out)
+    _dense(shapes, prefix + "out_layers.3.", (channels_out, channels_out, 3, 3))
+    if channels_in != channels_out:
+        _dense(shapes, prefix + "skip_connection.", (channels_out, channels_in, 1, 1))
+
+
+def _spatial_transformer(shapes: Shapes, prefix: str, channels: int) -> None:
+    _norm(shapes, prefix + "norm.", channels)
+    _dense(shapes, prefix + "proj_in.", (channels, channels, 1, 1))  # conv: use_linear_in_transformer False (SD1.x)
+    block = prefix + "transformer_blocks.0."
+    for attention, context in (("attn1", channels), ("attn2", CONTEXT_DIM)):
+        _dense(shapes, f"{block}{attention}.to_q.", (channels, channels), bias=False)
+        _dense(shapes, f"{block}{attention}.to_k.", (channels, context), bias=False)
+        _dense(shapes, f"{block}{attention}.to_v.", (channels, context), bias=False)
+        _dense(shapes, f"{block}{attention}.to_out.0.", (channels, channels))
+    _dense(shapes, block + "ff.net.0.proj.", (8 * channels, channels))  # GEGLU: 2 x (4 x channels)
+    _dense(shapes, block + "ff.net.2.", (channels, 4 * channels))
+    for norm in ("norm1.", "norm2.", "norm3."):
+        _norm(shapes, block + norm, channels)
+    _dense(shapes, prefix + "proj_out.", (channels, channels, 1, 1))
+
+
+def tiny_sd15_unet_shapes() -> Shapes:
+    """LDM key -> (shape, kind) of the reduced SD1.5 UNet, without the ``model.diffusion_model.`` prefix."""
+    c = MODEL_CHANNELS
+    shapes: Shapes = {}
+    _dense(shapes, "time_embed.0.", (TIME_EMBED_DIM, c))
+    _dense(shapes, "time_embed.2.", (TIME_EMBED_DIM, TIME_EMBED_DIM))
+    _dense(shapes, "input_blocks.0.0.", (c, LATENT_CHANNELS, 3, 3))
+    _res_block(shapes, "input_blocks.1.0.", c, c)
+    _spatial_transformer(shapes, "input_blocks.1.1.", c)
+    _res_block(shapes, "output_blocks.0.0.", 2 * c, c)  # concatenated skip from input_blocks.1
+    _res_block(shapes, "output_blocks.1.0.", 2 * c, c)  # concatenated skip from input_blocks.0
+    _norm(shapes, "out.0.", c)
+    _dense(shapes, "out.2.", (LATENT_CHANNELS, c, 3, 3))
+    return shapes
+
+
+def tiny_sd15_unet_config() -> Dict[str, Any]:
+    """What ComfyUI's model detection reads from the tiny UNet (for reference and checks)."""
+    return {
+        "in_channels": LATENT_CHANNELS,
+        "out_channels": LATENT_CHANNELS,
+        "model_channels": MODEL_CHANNELS,
+        "num_res_blocks": [1],
+        "channel_mult": [1],
+        "transformer_depth": [1],
+        "transformer_depth_output": [0, 0],
+        "transformer_depth_middle": -2,
+        "context_dim": CONTEXT_DIM,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+    }
+
+
+def clip_l_shapes() -> Shapes:
+    """The CLIP ViT-L/14 text model (HF names under ``text_model.``), without the checkpoint prefix."""
+    width, layers, vocab, positions = 768, 12, 49408, 77
+    shapes: Shapes = {
+        "embeddings.token_embedding.weight": ((vocab, width), "emb"),
+        "embeddings.position_embedding.weight": ((positions, width), "emb"),
+    }
+    for i in range(layers):
+        layer = f"encoder.layers.{i}."
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            _dense(shapes, f"{layer}self_attn.{projection}.", (width, width))
+        _norm(shapes, layer + "layer_norm1.", width)
+        _norm(shapes, layer + "layer_norm2.", width)
+        _dense(shapes, layer + "mlp.fc1.", (4 * width, width))
+        _dense(shapes, layer + "mlp.fc2.", (width, 4 * width))
+    _norm(shapes, "final_layer_norm.", width)
+    return shapes
+
+
+def taesd_shapes() -> Shapes:
+    """TAESD (comfy/taesd/taesd.py), the keys ComfyUI's VAE loader detects, without the checkpoint prefix."""
+    shapes: Shapes = {}
+    w = 64
+
+    def conv(prefix: str, channels_in: int, channels_out: int, bias: bool = True) -> None:
+        _dense(shapes, prefix, (channels_out, channels_in, 3, 3), bias=bias)
+
+    def block(prefix: str) -> None:  # Block(64, 64): three convs, identity skip
+        for index in (0, 2, 4):
+            conv(f"{prefix}conv.{index}.", w, w)
+
+    encoder = "taesd_encoder."
+    conv(encoder + "0.", 3, w)
+    block(encoder + "1.")
+    for start in (2, 6, 10):
+        conv(f"{encoder}{start}.", w, w, bias=False)  # stride 2
+        for offset in (1, 2, 3):
+            block(f"{encoder}{start + offset}.")
+    conv(encoder + "14.", w, LATENT_CHANNELS)
+
+    decoder = "taesd_decoder."
+    conv(decoder + "1.", LATENT_CHANNELS, w)
+    for start in (3, 8, 13):
+        for offset in (0, 1, 2):
+            block(f"{decoder}{start + offset}.")
+        conv(f"{decoder}{start + 4}.", w, w, bias=False)  # after the Upsample at start + 3
+    block(decoder + "18.")
+    conv(decoder + "19.", w, 3)
+    shapes["vae_scale"] = ((), "one")
+    shapes["vae_shift"] = ((), "zero")
+    return shapes
+
+
+def _random_tensors(shapes: Shapes, prefix: str, generator: torch.Generator, dtype: torch.dtype, gains: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
+    tensors = {}
+    for name, (shape, kind) in shapes.items():
+        if kind == "one":
+            value = torch.ones(shape)
+        elif kind == "zero":
+            value = torch.zeros(shape)
+        elif kind == "emb":
+            value = torch.randn(shape, generator=generator) * 0.02
+        elif kind == "b":
+            value = torch.randn(shape, generator=generator) * 0.02
+        else:
+            fan_in = 1
+            for size in shape[1:]:
+                fan_in *= size
+            value = torch.randn(shape, generator=generator) / fan_in**0.5
+        if gains and name in gains:
+            value = value * gains[name]
+        tensors[prefix + name] = value.to(dtype).contiguous()
+    return tensors
+
+
+# The final UNet conv sees a GroupNorm+SiLU output of roughly unit scale; gain 1.5 gives eps outputs of
+# standard deviation about 1, like a trained model's.
+_UNET_GAINS = {"out.2.weight": 1.5}
+
+
+def build_tiny_sd15_checkpoint(path, perflow=None, seed: int = 0):
+    """Write a tiny random SD1.5-layout checkpoint (.safetensors) that ComfyUI loads as SD1.x; returns ``path``.
+
+    Args:
+        path: destination file (its folder must exist); a ``str`` or ``os.PathLike``.
+        perflow: optional PeRFlow settings to store in ``perflow.*`` entries: a
+            ``perflow_core.settings.PerflowSettings`` (written with the project's own writer's layout),
+            or a dict with any of ``theta`` ([K, 3] or [K]), ``segments`` (int), ``segment_boundaries``
+            (list), ``prediction_type`` (str), ``version`` (str), stored as given.
+        seed: seed of the random weights (same seed, same file contents).
+
+    UNet fp32 (13.6M parameters), CLIP-L fp16 (123M), TAESD fp32 (2.4M): about 310 MB, 2-3 s on a CPU.
+    Needs only torch and safetensors (no ComfyUI import).
+    """
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: Dict[str, torch.Tensor] = {}
+    tensors.update(_random_tensors(tiny_sd15_unet_shapes(), UNET_PREFIX, generator, torch.float32, _UNET_GAINS))
+    tensors.update(_random_tensors(clip_l_shapes(), CLIP_PREFIX, generator, torch.float16))
+    tensors.update(_random_tensors(taesd_shapes(), VAE_PREFIX, generator, torch.float32))
+    metadata = {"format": "pt"}
+    if perflow is not None:
+        perflow_tensors, perflow_metadata = _perflow_entries(perflow)
+        tensors.update(perflow_tensors)
+        metadata.update(perflow_metadata)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _perflow_entries(perflow: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    if not isinstance(perflow, dict):  # a PerflowSettings: the project's own writer decides the layout
+        return _perflow_entries_of_settings(perflow)
+    tensors, metadata = {}, {}
+    if "theta" in perflow:
+        tensors["perflow.theta"] = torch.as_tensor(perflow["theta"], dtype=torch.float32).contiguous()
+    if "segment_boundaries" in perflow:
+        tensors["perflow.segment_boundaries"] = torch.as_tensor(perflow["segment_boundaries"], dtype=torch.float32)
+    if "segments" in perflow:
+        tensors["perflow.segments"] = torch.tensor(int(perflow["segments"]), dtype=torch.int64)
+    for field in ("prediction_type", "version"):
+        if field in perflow:
+            metadata[f"perflow.{field}"] = str(perflow[field])
+    return tensors, metadata
+
+
+def _perflow_entries_of_settings(settings: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The perflow.* tensors and metadata that perflow_core's writer stores for ``settings`` (through a
+    small theta file: the writer's public API)."""
+    import tempfile
+
+    from safetensors import safe_open
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from perflow_core.checkpoint import save_theta_file
+    from perflow_core.settings import PerflowSettings
+
+    if not isinstance(settings, PerflowSettings):  # e.g. the pack's own copy (comfyui_perflow_pack.perflow_core)
+        settings = PerflowSettings(
+            segments=settings.segments,
+            segment_boundaries=settings.segment_boundaries,
+            theta=settings.theta,
+            prediction_type=settings.prediction_type,
+            version=settings.version,
+            num_train_timesteps=settings.num_train_timesteps,
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        theta_path = Path(folder) / "theta.safetensors"
+        save_theta_file(theta_path, settings)
+        with safe_open(str(theta_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = {key: value for key, value in (handle.metadata() or {}).items() if key.startswith("perflow.")}
+    return tensors, metadata
+
+
+def parameter_counts() -> Dict[str, int]:
+    """Parameters per part of the tiny checkpoint (without building it)."""
+
+    def count(shapes: Shapes) -> int:
+        total = 0
+        for shape, _ in shapes.values():
+            n = 1
+            for size in shape:
+                n *= size
+            total += n
+        return total
+
+    return {"unet": count(tiny_sd15_unet_shapes()), "clip": count(clip_l_shapes()), "vae": count(taesd_shapes())}
+
+
+BUILD_SECONDS: list = []  # how long each session build of the tiny checkpoint took
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_checkpoint(tmp_path_factory) -> Path:
+    """The tiny SD1.5 checkpoint (no perflow.* entries), built once per test session."""
+    path = tmp_path_factory.mktemp("tiny_sd15") / "tiny_sd15.safetensors"
+    started = time.perf_counter()
+    build_tiny_sd15_checkpoint(path)
+    BUILD_SECONDS.append(time.perf_counter() - started)
+    return path
+
+
+# ------------------------------------------------------------------------------ ComfyUI in-process
+def import_comfy():
+    """Put COMFYUI_PATH on sys.path, force the CPU, import the comfy modules the tests use; returns ``comfy``.
+
+    ``args.cpu`` must be set before anything imports comfy.model_management (which probes CUDA on import).
+    """
+    if not COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set: real-ComfyUI tests skipped (point it at a ComfyUI checkout)")
+    path = str(Path(COMFYUI_PATH).resolve())
+    if not sys.path or sys.path[0] != path:
+        # First on the path: ComfyUI's top-level `nodes` module must win over this repository's `nodes` package.
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+    if "comfy.model_management" not in sys.modules:
+        from comfy.cli_args import args
+
+        args.cpu = True
+    import comfy
+    import comfy.model_management
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+
+    comfy_nodes = sys.modules.get("nodes")
+    if comfy_nodes is not None and not str(getattr(comfy_nodes, "__file__", "")).startswith(path):
+        raise RuntimeError(f"`nodes` was imported from {comfy_nodes.__file__}, not from ComfyUI at {path}")
+    return comfy
+
+
+def import_pack():
+    """This repository imported as the package ``comfyui_perflow_pack`` (like ComfyUI's custom_nodes import);
+    returns its ``nodes`` subpackage."""
+    import_comfy()
+    if PACK_NAME not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[PACK_NAME]
+            raise
+    return importlib.import_module(PACK_NAME + ".nodes")
+
+
+def load_checkpoint(path) -> Tuple[Any, Any, Any]:
+    """MODEL, CLIP, VAE from a checkpoint, as CheckpointLoaderSimple does."""
+    comfy = import_comfy()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True, embedding_directory=None)
+    return model, clip, vae
+
+
+def node_output(result) -> tuple:
+    """The outputs of a node's execute: a V3 ``io.NodeOutput`` (``.result``) or a V1 tuple."""
+    return tuple(result.result) if hasattr(result, "result") else tuple(result)
+
+
+def run_node(node_class, *args, **kwargs) -> tuple:
+    """Call a V3 node (classmethod ``execute``) or a V1 node (its ``FUNCTION``) and return its outputs."""
+    if hasattr(node_class, "define_schema"):
+        return node_output(node_class.execute(*args, **kwargs))
+    return node_output(getattr(node_class(), node_class.FUNCTION)(*args, **kwargs))
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    return import_comfy()
+
+
+@pytest.fixture(scope="session")
+def perflow_pack():
+    return import_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tiny_sd15_checkpoint):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded once per session. Clone before patching."""
+    return load_checkpoint(tiny_sd15_checkpoint)
