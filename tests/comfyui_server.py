@@ -1,0 +1,465 @@
+"""A headless ComfyUI server with this pack installed, shared by the ComfyUI end-to-end tests.
+
+Not a test module: `test_comfyui_server.py` and `test_comfyui_browser.py` import `comfy_server` from here.
+Both get the same server (one per pytest session): `acquire_server()` starts it on first use and
+`release_server()` stops it when the last user is done.
+
+Layout of the server's base directory (a fresh temporary folder):
+    custom_nodes/comfyui-perflow -> this repository (symlink)
+    models/checkpoints/perflow_tiny_sd15.safetensors   tiny SD1.5-architecture checkpoint with perflow.* keys
+    models/perflow_deltas/perflow_tiny_delta.safetensors   small random delta, diffusers UNet key names
+    input/perflow_example_input.png   64x64 image for the img2img workflow
+    user/default/comfy.settings.json   skips the frontend's first-visit template dialog
+The server log is copied to test-artifacts/comfyui_server.log (git-ignored) when the server stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+EXAMPLE_WORKFLOWS = REPO_ROOT / "example_workflows"
+API_WORKFLOWS = Path(__file__).resolve().parent / "workflows_api"
+PACK_NAME = "comfyui-perflow"
+
+CHECKPOINT_NAME = "perflow_tiny_sd15.safetensors"
+DELTA_NAME = "perflow_tiny_delta.safetensors"
+INPUT_IMAGE_NAME = "perflow_example_input.png"
+
+# The example workflows: UI format in example_workflows/<name>.json, API format in tests/workflows_api/<name>_api.json.
+WORKFLOW_NAMES = ["perflow_txt2img", "perflow_sd15_delta", "perflow_img2img", "perflow_ksampler_settings"]
+PERFLOW_NODE_IDS = [
+    "PerflowSettings",
+    "PerflowScheduler",
+    "PerflowSampler",
+    "PerflowKSampler",
+    "PerflowCheckpointLoader",
+    "PerflowApplyDelta",
+]
+
+SERVER_START_TIMEOUT_S = 180
+PROMPT_TIMEOUT_S = float(os.environ.get("PERFLOW_COMFY_PROMPT_TIMEOUT", "600"))
+
+try:  # tests/comfyui_support.py: where ComfyUI is and the tiny checkpoint builder
+    from comfyui_support import COMFYUI_PATH, build_tiny_sd15_checkpoint, requires_comfyui
+except ImportError as _error:  # pragma: no cover - the support module is missing or broken
+    _SUPPORT_ERROR: Optional[str] = f"tests/comfyui_support.py could not be imported: {_error}"
+    COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or None
+    build_tiny_sd15_checkpoint = None  # type: ignore[assignment]
+    requires_comfyui = pytest.mark.skipif(True, reason=_SUPPORT_ERROR)
+else:
+    _SUPPORT_ERROR = None
+
+
+def comfyui_root() -> Path:
+    return Path(str(COMFYUI_PATH))
+
+
+def example_workflow(name: str) -> dict:
+    return json.loads((EXAMPLE_WORKFLOWS / f"{name}.json").read_text())
+
+
+def api_workflow(name: str) -> dict:
+    return json.loads((API_WORKFLOWS / f"{name}_api.json").read_text())
+
+
+def nodes_of_type(prompt: dict, class_type: str) -> list[str]:
+    return [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
+
+
+def _python() -> str:
+    """The interpreter that runs ComfyUI (its venv): COMFYUI_PYTHON, else the one running the tests."""
+    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    """One ComfyUI server process and small HTTP helpers around its API."""
+
+    def __init__(self, base: Path, port: int, log_path: Path, process: subprocess.Popen, log_file):
+        self.base = base
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.process = process
+        self._log_file = log_file
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    # HTTP ---------------------------------------------------------------------------------------------
+    def request(self, path: str, data: Optional[dict] = None, timeout: float = 30) -> tuple[int, Any]:
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"} if body else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        try:
+            return status, json.loads(raw or b"null")
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def get_json(self, path: str, timeout: float = 30) -> Any:
+        status, payload = self.request(path, timeout=timeout)
+        assert status == 200, f"GET {path}: HTTP {status}: {payload}"
+        return payload
+
+    def alive(self) -> bool:
+        if self.process.poll() is not None:
+            return False
+        try:
+            return self.request("/system_stats", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def queue(self, prompt: dict) -> str:
+        status, payload = self.request("/prompt", {"prompt": prompt, "client_id": "perflow-tests"})
+        assert status == 200, f"POST /prompt was refused (HTTP {status}): {json.dumps(payload, indent=1)[:4000]}"
+        return payload["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = PROMPT_TIMEOUT_S) -> dict:
+        """Poll /history/<id> until the prompt finished (success or error); returns its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"ComfyUI exited (code {self.process.returncode}) while running {prompt_id}; log: {self.log_path}\n{self.log_tail()}")
+            history = self.get_json(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.25)
+        self.request("/interrupt", {})
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; log tail:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = PROMPT_TIMEOUT_S) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    # log ----------------------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        self._log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # lifecycle ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=10)
+        self._log_file.close()
+        ARTIFACTS.mkdir(exist_ok=True)
+        try:
+            shutil.copyfile(self.log_path, ARTIFACTS / "comfyui_server.log")
+        except OSError:
+            pass
+
+
+# fixtures of the base directory -----------------------------------------------------------------------------
+def _write_input_image(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:64, 0:64]
+    rgb = np.stack([x * 4, y * 4, ((x - 32) ** 2 + (y - 32) ** 2 < 400) * 200 + 40], axis=-1)
+    Image.fromarray(rgb.clip(0, 255).astype("uint8")).save(path)
+
+
+DELTA_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    comfy_path, checkpoint, out = sys.argv[1:4]
+    sys.path.insert(0, comfy_path)
+    from comfy.cli_args import args
+    args.cpu = True
+    import torch
+    import comfy.model_detection, comfy.utils
+    from safetensors.torch import load_file, save_file
+    state_dict = load_file(checkpoint)
+    prefix = "model.diffusion_model."
+    config = comfy.model_detection.model_config_from_unet(state_dict, prefix)
+    assert config is not None, "ComfyUI does not detect the tiny checkpoint's UNet"
+    mapping = comfy.utils.unet_to_diffusers(config.unet_config)   # diffusers key -> ComfyUI UNet key
+    generator = torch.Generator().manual_seed(0)
+    delta = {}
+    for diffusers_key, comfy_key in sorted(mapping.items()):
+        weight = state_dict.get(prefix + comfy_key)
+        if weight is not None:
+            delta[diffusers_key] = (torch.randn(weight.shape, generator=generator) * 1e-3).to(torch.float16)
+    assert len(delta) > 10, f"only {len(delta)} UNet keys mapped"
+    save_file(delta, out)
+    print(len(delta), "delta keys")
+    """
+)
+
+
+def _write_delta(checkpoint: Path, out: Path) -> None:
+    """A small random delta with diffusers UNet key names for every weight of the tiny UNet (ComfyUI's own key map)."""
+    result = subprocess.run(
+        [_python(), "-c", DELTA_SCRIPT, str(comfyui_root()), str(checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"building the tiny delta failed:\n{result.stdout}\n{result.stderr[-3000:]}"
+
+
+def prepare_base_directory(base: Path) -> None:
+    from perflow_core.settings import PerflowSettings
+
+    for folder in ("custom_nodes", "models/checkpoints", "models/perflow_deltas", "input", "output", "user/default"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    # Skip the "Get started with a template" dialog of the first visit; no minimap over the screenshots.
+    (base / "user/default/comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
+    checkpoint = base / "models/checkpoints" / CHECKPOINT_NAME
+    settings = PerflowSettings(segments=4, prediction_type="diff_eps", theta=[[0.05, 0.0, 0.0]] + [[0.0, 0.0, 0.0]] * 3)
+    build_tiny_sd15_checkpoint(checkpoint, perflow=settings, seed=0)
+    assert checkpoint.is_file(), f"build_tiny_sd15_checkpoint did not write {checkpoint}"
+    _write_delta(checkpoint, base / "models/perflow_deltas" / DELTA_NAME)
+    _write_input_image(base / "input" / INPUT_IMAGE_NAME)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_server(base: Path) -> ComfyServer:
+    port = _free_port()
+    log_path = base / "comfyui_server.log"
+    log_file = open(log_path, "w")
+    command = [
+        _python(),
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-auto-launch",
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+    ]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        command, cwd=comfyui_root(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True
+    )
+    server = ComfyServer(base, port, log_path, process, log_file)
+    atexit.register(_kill_group, process)  # last resort if the session dies before the fixture's finalizer
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"ComfyUI exited with code {process.returncode} during start-up:\n{server.log_tail()}")
+        if server.alive():
+            return server
+        time.sleep(0.5)
+    tail = server.log_tail()
+    server.stop()
+    raise RuntimeError(f"ComfyUI did not answer within {SERVER_START_TIMEOUT_S} s:\n{tail}")
+
+
+# one server per session, shared by the modules that use the fixture ---------------------------------------
+_lock = threading.Lock()
+_state: dict = {"server": None, "users": 0, "base": None, "error": None}
+
+
+def acquire_server() -> ComfyServer:
+    with _lock:
+        if _state["error"] is not None:
+            pytest.fail(f"the ComfyUI test server could not be started earlier in this session: {_state['error']}")
+        if _state["server"] is None:
+            base = Path(tempfile.mkdtemp(prefix="perflow_comfy_"))
+            _state["base"] = base
+            try:
+                prepare_base_directory(base)
+                _state["server"] = start_server(base)
+            except Exception as error:
+                _state["error"] = f"{type(error).__name__}: {error}"
+                shutil.rmtree(base, ignore_errors=True)
+                raise
+        _state["users"] += 1
+        return _state["server"]
+
+
+def release_server() -> None:
+    with _lock:
+        _state["users"] -= 1
+        if _state["users"] > 0 or _state["server"] is None:
+            return
+        server, base = _state["server"], _state["base"]
+        _state["server"] = _state["base"] = None
+    server.stop()
+    if base is not None and not os.environ.get("PERFLOW_KEEP_COMFY_BASE"):
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# browser (Playwright, sync API) ------------------------------------------------------------------------------
+CHROMIUM = os.environ.get("PERFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+APP_READY_JS = "() => !!(window.app && window.app.graph && window.LiteGraph && LiteGraph.registered_node_types['PerflowKSampler'])"
+# Records the frontend's own list of missing node types of every graph it loads (afterConfigureGraph hook).
+MISSING_HOOK_JS = """() => {
+  if (window.__perflowHook) return;
+  window.__perflowHook = true;
+  window.__perflowMissing = null;
+  app.registerExtension({name: 'perflow.tests.missing-nodes', afterConfigureGraph(missing) {
+    window.__perflowMissing = (missing || []).map(m => typeof m === 'string' ? m : (m.type || m.class_type || JSON.stringify(m)));
+  }});
+}"""
+
+
+def browser_unavailable_reason() -> Optional[str]:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright python package is not installed (pip install playwright; the browser tests use a system Chromium)"
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM} (set PERFLOW_CHROMIUM)"
+    return None
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+
+
+def open_app(browser, url: str, viewport=(1600, 900)):
+    """A new page with the ComfyUI frontend loaded and this pack's nodes registered; console errors are in page.perflow_log."""
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    log: list[str] = []
+    page.on("console", lambda message: log.append(f"{message.type}: {message.text}"))
+    page.on("pageerror", lambda error: log.append(f"pageerror: {error}"))
+    page.perflow_log = log
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    page.wait_for_function(APP_READY_JS, timeout=90_000)
+    page.evaluate(MISSING_HOOK_JS)
+    close_dialogs(page)
+    return page
+
+
+def close_dialogs(page) -> None:
+    for _ in range(3):
+        if not page.locator(".p-dialog").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+
+
+def load_workflow(page, ui_workflow: dict, name: Optional[str] = None) -> dict:
+    """app.loadGraphData(workflow) (in a tab named `name`, as the template browser does); returns what the frontend reports: missing node types, unregistered types, dialogs."""
+    page.evaluate("() => { window.__perflowMissing = null; }")
+    page.evaluate("async ([graph, name]) => { await app.loadGraphData(graph, true, true, name); }", [ui_workflow, name])
+    page.wait_for_function("() => window.__perflowMissing !== null", timeout=30_000)
+    page.wait_for_timeout(500)
+    return page.evaluate(
+        """() => ({
+      missing: window.__perflowMissing,
+      unregistered: app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
+      types: app.graph._nodes.map(n => n.type),
+      dialogs: Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText.slice(0, 300)),
+    })"""
+    )
+
+
+def queue_and_wait_for_image(page, timeout_s: float = PROMPT_TIMEOUT_S, click_run_button: bool = False) -> dict:
+    """Queue the loaded graph (the Run button, or app.queuePrompt(0) as the button does) and wait until every
+    SaveImage / PreviewImage node got its `executed` message with images and shows them loaded.
+    Returns {node id: [image file names]}."""
+    page.evaluate(
+        """() => {
+      window.__perflowError = null;
+      window.__perflowExecuted = {};
+      if (!window.__perflowEventHooks) {
+        window.__perflowEventHooks = true;
+        app.api.addEventListener('execution_error', e => { window.__perflowError = e.detail; });
+        app.api.addEventListener('executed', e => { window.__perflowExecuted[String(e.detail.display_node || e.detail.node)] = e.detail.output; });
+      }
+    }"""
+    )
+    if click_run_button:
+        page.get_by_role("button", name="Run", exact=True).first.click()
+    else:
+        page.evaluate("async () => { await app.queuePrompt(0); }")
+    page.wait_for_function(
+        """() => {
+      if (window.__perflowError) return true;
+      const savers = app.graph._nodes.filter(n => n.type === 'SaveImage' || n.type === 'PreviewImage');
+      return savers.length > 0 && savers.every(n => {
+        const out = window.__perflowExecuted[String(n.id)];
+        return out && out.images && out.images.length && n.imgs && n.imgs.length
+          && n.imgs.every(i => i.complete && i.naturalWidth > 0);
+      });
+    }""",
+        timeout=timeout_s * 1000,
+        polling=250,
+    )
+    error = page.evaluate("() => window.__perflowError")
+    assert not error, f"execution_error in the browser: {error.get('exception_message') if isinstance(error, dict) else error}"
+    return page.evaluate(
+        """() => Object.fromEntries(app.graph._nodes.filter(n => n.type === 'SaveImage' || n.type === 'PreviewImage')
+        .map(n => [String(n.id), window.__perflowExecuted[String(n.id)].images.map(i => i.filename)]))"""
+    )
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """The running ComfyUI server (see the module docstring). Skips when COMFYUI_PATH is not set."""
+    if _SUPPORT_ERROR is not None:
+        pytest.skip(_SUPPORT_ERROR)
+    if not COMFYUI_PATH:
+        pytest.skip("COMFYUI_PATH is not set (it points at a ComfyUI checkout to run the end-to-end tests)")
+    server = acquire_server()
+    try:
+        yield server
+    finally:
+        release_server()

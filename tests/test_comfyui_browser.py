@@ -1,0 +1,146 @@
+"""The real ComfyUI frontend in headless Chromium (Playwright, sync API) against the test server of
+tests/comfyui_server.py: node search finds the PeRFlow nodes, every example workflow loads without missing
+nodes, and queueing the txt2img example shows the generated image.
+
+Needs COMFYUI_PATH, the playwright python package and a Chromium (default /usr/bin/chromium, or
+PERFLOW_CHROMIUM); skipped otherwise. Playwright is not a dependency of the pack.
+Artifacts: test-artifacts/comfyui_perflow.png (txt2img with its image). With PERFLOW_UPDATE_DOCS_SCREENSHOT=1
+the same screenshot is also written to docs/comfyui_workflow.png (under 500 KB) for the README.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from comfyui_server import (
+    ARTIFACTS,
+    PACK_NAME,
+    PERFLOW_NODE_IDS,
+    REPO_ROOT,
+    WORKFLOW_NAMES,
+    browser_unavailable_reason,
+    close_dialogs,
+    comfy_server,  # noqa: F401  (session fixture)
+    example_workflow,
+    launch_chromium,
+    load_workflow,
+    open_app,
+    queue_and_wait_for_image,
+    requires_comfyui,
+)
+
+pytestmark = [
+    requires_comfyui,
+    pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason())),
+]
+
+SEARCH_DISPLAY_NAMES = [
+    "PeRFlow Settings",
+    "PeRFlow Scheduler",
+    "PeRFlow Sampler",
+    "PeRFlow KSampler",
+    "Load PeRFlow Checkpoint",
+    "Apply PeRFlow Delta Weights",
+]
+SCREENSHOT = ARTIFACTS / "comfyui_perflow.png"
+DOCS_SCREENSHOT = REPO_ROOT / "docs" / "comfyui_workflow.png"
+DOCS_MAX_BYTES = 500_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, comfy_server):
+    page = open_app(browser, comfy_server.url)
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "comfyui_browser_console.log").write_text("\n".join(page.perflow_log) + "\n")
+    page.close()
+
+
+def test_frontend_version_and_nodes_registered(page):
+    info = page.evaluate(
+        """() => ({version: window.__COMFYUI_FRONTEND_VERSION__ || null,
+                   types: Object.keys(LiteGraph.registered_node_types).filter(t => t.startsWith('Perflow'))})"""
+    )
+    print(f"ComfyUI frontend {info['version']}")
+    missing = set(PERFLOW_NODE_IDS) - set(info["types"])
+    assert not missing, f"not registered in the frontend: {sorted(missing)}"
+
+
+def test_node_search_lists_the_perflow_nodes(page):
+    page.evaluate("() => app.graph.clear()")
+    close_dialogs(page)
+    canvas = page.locator("#graph-canvas").bounding_box()
+    page.mouse.dblclick(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
+    search = page.locator(".comfy-vue-node-search-box input").first
+    search.wait_for(state="visible", timeout=10_000)
+    page.keyboard.type("PeRFlow", delay=30)
+    options = page.locator("li.p-autocomplete-option")
+    options.first.wait_for(state="visible", timeout=10_000)
+    page.wait_for_timeout(500)
+    texts = options.all_inner_texts()
+    listed = [text.split("\n")[0].replace("\xa0", " ").strip() for text in texts]
+    for name in SEARCH_DISPLAY_NAMES:
+        assert name in listed, f"{name!r} not in the search results {listed}"
+    assert all(PACK_NAME in text for text in texts[: len(SEARCH_DISPLAY_NAMES)]), texts
+    # Enter adds the highlighted result to the graph.
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => app.graph._nodes.length === 1", timeout=10_000)
+    added = page.evaluate("() => app.graph._nodes[0].type")
+    assert added.startswith("Perflow"), added
+    page.evaluate("() => app.graph.clear()")
+
+
+def test_templates_of_the_pack_reach_the_frontend(page):
+    templates = page.evaluate("async () => await app.api.getWorkflowTemplates()")
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOW_NAMES)
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_example_workflow_loads_without_missing_nodes(page, name):
+    result = load_workflow(page, example_workflow(name), name)
+    assert result["missing"] == [], f"the frontend reports missing node types: {result['missing']}"
+    assert result["unregistered"] == []
+    assert not [text for text in result["dialogs"] if "missing" in text.lower() or "invalid" in text.lower()], result["dialogs"]
+    assert any(node_type.startswith("Perflow") for node_type in result["types"])
+    assert len(result["types"]) == len(example_workflow(name)["nodes"])
+    close_dialogs(page)
+
+
+def _write_docs_screenshot(png: bytes) -> None:
+    from PIL import Image
+
+    DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    DOCS_SCREENSHOT.write_bytes(png)
+    if DOCS_SCREENSHOT.stat().st_size > DOCS_MAX_BYTES:  # a palette PNG keeps the UI sharp and small
+        image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(DOCS_SCREENSHOT, optimize=True)
+    assert DOCS_SCREENSHOT.stat().st_size < DOCS_MAX_BYTES
+
+
+def test_run_txt2img_shows_the_generated_image(page):
+    result = load_workflow(page, example_workflow("perflow_txt2img"), "PeRFlow txt2img")
+    assert result["missing"] == []
+    close_dialogs(page)
+    images = queue_and_wait_for_image(page, click_run_button=True)
+    assert images and all(files and files[0].startswith("perflow_txt2img") for files in images.values()), images
+    page.wait_for_timeout(500)  # let the canvas draw the image preview
+    ARTIFACTS.mkdir(exist_ok=True)
+    png = page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000
+    if os.environ.get("PERFLOW_UPDATE_DOCS_SCREENSHOT"):
+        _write_docs_screenshot(png)
