@@ -87,6 +87,7 @@ class CalibrationReport:
         )
 
 
+@torch.no_grad()
 def run_student(model_fn: ModelFn, plan: StudentPlan, noise: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """The sampler's states after every step (theta = 0 when not given)."""
     theta = plan.settings.theta if theta is None else theta
@@ -129,6 +130,7 @@ def _subdivide(start: float, end: float, parts: int) -> List[float]:
     return [float(p) for p in points if p > end]
 
 
+@torch.no_grad()
 def fit_theta(
     model_fn: ModelFn,
     plan: StudentPlan,
@@ -185,6 +187,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
+@torch.no_grad()
 def calibrate_theta(
     model_fn: ModelFn,
     settings: PerflowSettings,

@@ -632,3 +632,77 @@ def test_dropdowns_when_enabled_run_in_the_stock_ksampler(env, monkeypatch, rest
     assert flat(calls) == [t for t in (1000.0, 750.0, 500.0, 250.0) for _ in range(2)]
     # The defaults (K = 4, theta = 0, auto) through the stock KSampler equal the PeRFlow nodes' defaults.
     assert relative_difference(out, comfy_sample(env, env.model, None, 4, 4.5, noise)) < 1e-6
+
+
+# ------------------------------------------------------------------------------ calibrate, save, load theta
+@pytest.fixture
+def theta_folder(tmp_path):
+    import folder_paths
+
+    folder = tmp_path / "perflow_theta"
+    folder_paths.add_model_folder_path("perflow_theta", str(folder), is_default=True)
+    try:
+        yield folder
+    finally:
+        folder_paths.folder_names_and_paths["perflow_theta"][0].remove(str(folder))
+        folder_paths.filename_list_cache.pop("perflow_theta", None)
+
+
+def calibration_nodes(env):
+    return importlib.import_module(PACK_NAME + ".nodes.calibration_nodes")
+
+
+def calibrate(env, **overrides):
+    arguments = dict(
+        model=env.model, positive=env.positive, negative=env.negative, latent_image={"samples": torch.zeros(LATENT_SHAPE)},
+        cfg=4.5, steps=4, teacher_multiplier=4, samples=8, holdout_samples=4, seed=0, perflow=choice_for(env, "diff_eps"),
+    )
+    arguments.update(overrides)
+    return run_node(calibration_nodes(env).PerflowCalibrateNode, **arguments)
+
+
+def test_calibrate_node_lowers_the_held_out_error_of_the_real_model(env):
+    choice, chart, report = calibrate(env)
+    assert choice.settings.theta.abs().sum() > 0 and not choice.auto_prediction_type
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3
+    before, after = [float(v) for v in report.split("theta=0 ")[1].split(" (ratio")[0].split(" -> calibrated ")]
+    assert after < before
+
+
+def test_calibrated_theta_is_what_the_sampler_then_uses(env):
+    choice = calibrate(env)[0]
+    noise = noise_tensor(5)
+    with_theta = comfy_sample(env, env.model, choice, 4, 4.5, noise)
+    without = comfy_sample(env, env.model, choice_for(env, "diff_eps"), 4, 4.5, noise)
+    assert relative_difference(with_theta, without) > 1e-4
+
+
+def test_saved_theta_file_loads_back(env, theta_folder):
+    choice = calibrate(env)[0]
+    path = run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice, filename="tiny_theta", ckpt_name=calibration_nodes(env).NO_CHECKPOINT)[0]
+    assert path.endswith("tiny_theta.safetensors")
+    loaded = run_node(calibration_nodes(env).PerflowLoadThetaNode, theta_name="tiny_theta.safetensors")[0]
+    assert torch.allclose(loaded.settings.theta, choice.settings.theta.float().double(), atol=1e-7)
+    assert loaded.settings.prediction_type == "diff_eps"
+
+
+def test_theta_saved_into_a_checkpoint_copy_is_read_by_the_loader(env, checkpoints_folder, tiny_sd15_checkpoint):
+    import shutil
+
+    shutil.copy(tiny_sd15_checkpoint, checkpoints_folder / "tiny_base.safetensors")
+    choice = calibrate(env)[0]
+    path = run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice, filename="tiny_calibrated", ckpt_name="tiny_base.safetensors")[0]
+    import folder_paths
+
+    folder_paths.filename_list_cache.pop("checkpoints", None)
+    loaded = run_node(env.loader_nodes.PerflowCheckpointLoaderNode, ckpt_name="tiny_calibrated.safetensors")[3]
+    assert path.endswith("tiny_calibrated.safetensors")
+    assert torch.allclose(loaded.settings.theta, choice.settings.theta.float().double(), atol=1e-7)
+
+
+def test_saving_over_an_existing_checkpoint_is_refused_naming_filename(env, checkpoints_folder, tiny_sd15_checkpoint):
+    import shutil
+
+    shutil.copy(tiny_sd15_checkpoint, checkpoints_folder / "tiny_base.safetensors")
+    with pytest.raises(ValueError, match="filename"):
+        run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice_for(env, "diff_eps"), filename="tiny_base", ckpt_name="tiny_base.safetensors")

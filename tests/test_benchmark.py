@@ -1,0 +1,122 @@
+"""The error-vs-NFE benchmark: a smoke run of `--quick`, and the mapping of final states to sigma = 0."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
+from perflow_core.benchmark import (
+    DIFFUSERS_PEERS,
+    QUICK_NFES,
+    Endpoint,
+    StudentPlan,
+    boundary_levels,
+    diffusers_endpoint,
+    exact_ode_teacher,
+    exact_path,
+    main,
+    map_to_sigma_zero,
+    perflow_settings,
+    run_diffusers_peer,
+    run_perflow,
+)
+from perflow_core.calibration import rmse
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AnalyticDigitsDenoiser(smoothing=0.2)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return noise_for_seeds(range(10_000, 10_004))
+
+
+def peer(name):
+    return next(p for p in DIFFUSERS_PEERS if p.name == name)
+
+
+def test_quick_run_writes_the_json_and_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "benchmark.json").read_text())
+    assert {"config", "models", "ratios", "overhead", "calibration_cost", "seconds"} <= set(payload)
+    assert payload["config"]["nfes"] == list(QUICK_NFES)
+    assert "COMFYUI_PATH is not set" in payload["config"]["comfyui"]
+    analytic = [m for m in payload["models"] if m["title"].startswith("analytic")]
+    assert [m["smoothing"] for m in analytic] == [0.05, 0.2]
+    for result in analytic:
+        samplers = {row["sampler"] for row in result["rows"]}
+        assert {"PeRFlow theta=0", "PeRFlow cal. (PeRFlow 8x teacher)", "diffusers UniPC", "diffusers Heun"} <= samplers
+        for row in result["rows"]:
+            assert set(row["errors"]) == {str(n) for n in QUICK_NFES}
+            assert all(math.isfinite(v) and v > 0 for v in row["errors"].values())
+            assert all(row["calls"][str(n)] <= n for n in QUICK_NFES)
+    assert {"ode", "x0"} == set(payload["ratios"])
+    assert all({"name", "value", "target", "met"} <= set(r) for r in payload["ratios"]["ode"])
+    assert payload["overhead"] and all(o["ratio"] > 0 for o in payload["overhead"])
+    with Image.open(tmp_path / "benchmark.png") as image:
+        assert image.width > 500 and image.height > 300
+    printed = capsys.readouterr().out
+    assert "required ratios" in printed and "ComfyUI samplers: COMFYUI_PATH is not set" in printed
+
+
+def test_overlapping_seed_sets_are_refused(tmp_path):
+    assert main(["--quick", "--seeds", "0:8", "--fit-seeds", "4:12", "--output-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("name", ["diffusers Euler", "diffusers DDIM", "diffusers DPM++ 2M", "diffusers UniPC", "diffusers Heun"])
+def test_samplers_that_end_at_sigma_zero_are_not_remapped(model, noise, name):
+    run = run_diffusers_peer(peer(name), model, noise, 4)
+    assert run.endpoint.at_sigma_zero
+    for method in ("ode", "x0"):
+        assert torch.equal(map_to_sigma_zero(model, run.final, run.endpoint, method), run.final.double())
+
+
+def test_deis_ends_at_the_first_training_level():
+    scheduler = peer("diffusers DEIS").build()
+    scheduler.set_timesteps(4)
+    endpoint = diffusers_endpoint(scheduler, variance_exploding=False)
+    assert not endpoint.at_sigma_zero
+    assert endpoint.alpha == pytest.approx(float(scheduler.alphas_cumprod[0]), abs=1e-6)
+
+
+def test_perflow_state_at_the_first_training_level_is_mapped_by_x0_prediction(model, noise):
+    run = run_perflow(model, perflow_settings(4), noise, 4)
+    alpha = float(model.alphas_cumprod[0])
+    assert run.endpoint == Endpoint(alpha, variance_exploding=False)
+    expected = model.x0_prediction(run.final.double(), alpha)
+    assert torch.equal(map_to_sigma_zero(model, run.final, run.endpoint, "x0"), expected)
+
+
+def test_the_ode_map_takes_an_exact_state_to_the_exact_solution_and_x0_prediction_does_not(model, noise):
+    alpha = float(model.alphas_cumprod[0])
+    path = exact_path(model, noise, [alpha])
+    state = path.states[alpha]
+    assert rmse(map_to_sigma_zero(model, state, Endpoint(alpha), "ode"), path.endpoint) < 1e-6
+    assert rmse(map_to_sigma_zero(model, state, Endpoint(alpha), "x0"), path.endpoint) > 1e-3
+
+
+def test_variance_exploding_states_are_rescaled_before_mapping(model, noise):
+    alpha = 0.9
+    z = math.sqrt(alpha) * noise.double()
+    mapped = map_to_sigma_zero(model, z / math.sqrt(alpha), Endpoint(alpha, variance_exploding=True), "x0")
+    assert torch.allclose(mapped, model.x0_prediction(z, alpha), rtol=0, atol=1e-12)
+
+
+def test_exact_teacher_targets_are_exact_at_window_ends_and_on_the_line_inside(model, noise):
+    plan = StudentPlan.build(perflow_settings(8), 8, model.alphas_cumprod)
+    path = exact_path(model, noise, boundary_levels(model.alphas_cumprod, [4]))
+    targets = exact_ode_teacher(plan, [path])(noise.clone())
+    for target, window in zip(targets, plan.windows):
+        start, end = path.states[window.alpha_start], path.states[window.alpha_end]
+        if window.t_next == window.t_end:
+            assert torch.equal(target, end)
+        else:
+            share = (window.t_start - window.t_next) / (window.t_start - window.t_end)
+            assert 0 < share < 1 and torch.allclose(target, start + share * (end - start), atol=1e-12)
+    assert rmse(path.endpoint, solve_probability_flow_ode(model, noise.double(), float(model.alphas_cumprod[-1]), 1.0)) < 1e-5
