@@ -5,8 +5,9 @@ Every PeRFlow step is linear in its segment's theta row (``theta.py``):
 Running the K-step sampler on the fit seeds and collecting, per segment, ``F`` and the residual
 ``target - base`` against the teacher's state at the same time gives a 3x3 least-squares problem per
 segment. Segments are fitted in order, each with the sampler's own states (earlier segments already
-corrected); a segment with several steps is refitted a few times, since its later steps start from
-states that depend on its own theta.
+corrected); a segment with several steps is refitted until its row settles, since its later steps
+start from states that depend on its own theta. A row that does not lower the fit seeds' error at
+its segment's end is set back to zero.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 Teacher = Callable[[torch.Tensor], List[torch.Tensor]]
 
 DEFAULT_RIDGE = 1e-8
+# A segment with several steps is refitted until its theta row moves less than this, at most `refits` times.
+REFIT_TOLERANCE = 1e-3
+DEFAULT_REFITS = 10
 
 
 @dataclass
@@ -136,7 +140,7 @@ def fit_theta(
     plan: StudentPlan,
     noise: torch.Tensor,
     targets: Sequence[torch.Tensor],
-    refits: int = 3,
+    refits: int = DEFAULT_REFITS,
     ridge: float = DEFAULT_RIDGE,
 ) -> torch.Tensor:
     """Per-segment least squares of theta so the sampler's states match ``targets`` (one per step)."""
@@ -151,9 +155,21 @@ def fit_theta(
                 z, previous, features, residual = _step_with_features(model_fn, plan, i, z, previous, theta[k], targets[i])
                 normal += features.T @ features
                 rhs += features.T @ residual
-            theta[k] = _solve_ridge(normal, rhs, ridge)
+            update = _solve_ridge(normal, rhs, ridge)
+            converged = bool((update - theta[k]).abs().max() < REFIT_TOLERANCE)
+            theta[k] = update
+            if converged:
+                break
+        theta[k] = _better_than_zero(model_fn, plan, steps, z_segment, previous_segment, theta[k], targets[steps[-1]])
         z_segment, previous_segment = _advance(model_fn, plan, steps, z_segment, previous_segment, theta[k])
     return theta
+
+
+def _better_than_zero(model_fn: ModelFn, plan: StudentPlan, steps: List[int], z, previous, theta_row: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Keep a segment's fitted row only if it lowers the fit seeds' error at the segment's end."""
+    fitted = rmse(_advance(model_fn, plan, steps, z, previous, theta_row)[0], target)
+    plain = rmse(_advance(model_fn, plan, steps, z, previous, torch.zeros_like(theta_row))[0], target)
+    return theta_row if fitted <= plain else torch.zeros_like(theta_row)
 
 
 def _advance(model_fn: ModelFn, plan: StudentPlan, steps: List[int], z: torch.Tensor, previous: Optional[torch.Tensor], theta_row: torch.Tensor):
@@ -197,7 +213,7 @@ def calibrate_theta(
     holdout_noise: torch.Tensor,
     teacher: Optional[Teacher] = None,
     teacher_multiplier: int = 8,
-    refits: int = 3,
+    refits: int = DEFAULT_REFITS,
 ) -> CalibrationReport:
     """Fit theta on ``fit_noise`` and report before/after errors on ``holdout_noise``.
 
