@@ -65,6 +65,73 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def analytic_model_fn(smoothing: float):
+    model = AnalyticDigitsDenoiser(smoothing=smoothing)
+    return lambda z, timestep: model(z, float(timestep)).sample
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Fit theta for the analytic model and write it to a theta file (and optionally a checkpoint copy)."""
+    from .calibration import calibrate_theta
+    from .checkpoint import save_theta_file, write_perflow_checkpoint
+    from .noise_schedule import alphas_cumprod_for
+    from .settings import PerflowSettings
+
+    if args.samples < 1 or args.holdout < 1:
+        raise ValueError("--samples and --holdout must be at least 1")
+    settings = PerflowSettings(segments=args.segments, prediction_type=args.parameterisation)
+    fit = noise_for_seeds(range(args.seed, args.seed + args.samples)).double()
+    holdout_start = args.seed + 1_000_000
+    held_out = noise_for_seeds(range(holdout_start, holdout_start + args.holdout)).double()
+    report = calibrate_theta(
+        analytic_model_fn(args.smoothing), settings, args.steps, alphas_cumprod_for(), fit, held_out, teacher_multiplier=args.teacher_multiplier
+    )
+    learned = PerflowSettings(segments=args.segments, theta=report.theta, prediction_type=args.parameterisation)
+    save_theta_file(args.output, learned)
+    print(f"model: analytic 8x8 digits (smoothing {args.smoothing}); {args.steps} steps, K={args.segments}, {args.parameterisation}")
+    print(report.summary())
+    print("theta (gain, window-end scale, output change):")
+    for k, row in enumerate(report.theta.tolist()):
+        print(f"  segment {k}: " + ", ".join(f"{v:+.4f}" for v in row))
+    print(f"wrote {args.output}")
+    if args.checkpoint:
+        write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned)
+        print(f"wrote {args.output_checkpoint}")
+    return 0
+
+
+def run_write_theta(args: argparse.Namespace) -> int:
+    """Copy a checkpoint with the PeRFlow settings of a theta file added."""
+    from .checkpoint import read_perflow_settings, write_perflow_checkpoint
+
+    write_perflow_checkpoint(args.checkpoint, args.output, read_perflow_settings(args.theta))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_theta_commands(commands) -> None:
+    calibrate = commands.add_parser("calibrate", help="fit theta for the analytic model against a many-step teacher")
+    calibrate.add_argument("--steps", type=int, default=4, help="network calls to calibrate for (default 4)")
+    calibrate.add_argument("--segments", type=int, default=4, help="segments K (default 4)")
+    calibrate.add_argument("--parameterisation", default="ddim_eps", help="ddim_eps (default), diff_eps or velocity")
+    calibrate.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing of the analytic model")
+    calibrate.add_argument("--samples", type=int, default=128, help="fit seeds (default 128)")
+    calibrate.add_argument("--holdout", type=int, default=256, help="held-out seeds for the report (default 256)")
+    calibrate.add_argument("--seed", type=int, default=0, help="first fit seed; held-out seeds start 1,000,000 later")
+    calibrate.add_argument("--teacher-multiplier", type=int, default=8, help="the teacher takes this many times the steps")
+    calibrate.add_argument("--output", default="outputs/perflow_theta.safetensors", help="theta file to write")
+    calibrate.add_argument("--checkpoint", help="also write a copy of this single-file checkpoint with the theta added")
+    calibrate.add_argument("--output-checkpoint", help="where that copy goes (required with --checkpoint)")
+    calibrate.set_defaults(run=run_calibrate)
+    write = commands.add_parser("write-theta", help="copy a checkpoint with the settings of a theta file added (perflow.* keys)")
+    write.add_argument("--theta", required=True, help="a theta file (perflow calibrate's output)")
+    write.add_argument("--checkpoint", required=True, help="the single-file checkpoint to copy")
+    write.add_argument("--output", required=True, help="the new file")
+    write.set_defaults(run=run_write_theta)
+    # `perflow bench ...` hands its arguments to perflow_core.benchmark (see main); listed here for --help.
+    commands.add_parser("bench", help="benchmark PeRFlow against diffusers (and ComfyUI) samplers; see perflow bench --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perflow", description="PeRFlow sampling tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,11 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing in [-1, 1] units")
     demo.add_argument("--output", default="outputs/perflow_demo.png", help="PNG grid to write")
     demo.set_defaults(run=run_demo)
+    add_theta_commands(commands)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .benchmark import main as benchmark_main
+
+        return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "calibrate" and args.checkpoint and not args.output_checkpoint:
+        print("perflow: error: --checkpoint needs --output-checkpoint", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except ValueError as error:
