@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,15 +16,12 @@ from diffusers.utils import BaseOutput
 from .noise_schedule import _betas_for
 from .parameterization import canonical_prediction_type, path_noise_scales
 from .segments import Segments, Window, validate_num_segments
+from .settings import FORMAT_VERSION, PerflowSettings
 from .solver import perflow_step
 from .theta import as_theta, theta_to_list
 
-if TYPE_CHECKING:
-    from .settings import PerflowSettings
-
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = "0.1"
 STATE_DICT_PERFLOW_KEYS = ("theta", "segments", "segment_boundaries", "version", "prediction_type")
 LEGACY_THETA_FILES = ("scheduler_state.safetensors", "pytorch_model.bin")
 
@@ -146,10 +143,8 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self.theta = new_theta
         self.register_to_config(theta_init=theta_to_list(new_theta))
 
-    def perflow_settings(self) -> "PerflowSettings":
+    def perflow_settings(self) -> PerflowSettings:
         """This scheduler's segments, parameterisation and theta as [`PerflowSettings`]."""
-        from .settings import PerflowSettings
-
         return PerflowSettings(
             segments=len(self.segments),
             segment_boundaries=None if self.config.segment_boundaries is None else self.segments.boundaries,
