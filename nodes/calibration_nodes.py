@@ -66,6 +66,15 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
     return found["settings"], found["report"]
 
 
+def first_free_path(folder: str, name: str) -> str:
+    """``folder/name.safetensors``, or ``name_1``, ``name_2``, ... if taken: saving never overwrites."""
+    path, count = os.path.join(folder, f"{name}.safetensors"), 0
+    while os.path.exists(path):
+        count += 1
+        path = os.path.join(folder, f"{name}_{count}.safetensors")
+    return path
+
+
 def chart_tensor(report) -> torch.Tensor:
     image = calibration_chart(report.segment_errors_before, report.segment_errors_after, "held-out RMSE to the teacher after each step")
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
@@ -85,12 +94,19 @@ class PerflowCalibrateNode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Conditioning used while calibrating."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning used while calibrating."),
                 io.Latent.Input("latent_image", tooltip="Sets the latent size (an Empty Latent Image)."),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, tooltip="Guidance scale to calibrate for."),
-                io.Int.Input("steps", default=4, min=1, max=100, tooltip="Step count to calibrate for."),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale to calibrate for."),
+                io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Step count to calibrate for."),
                 io.Int.Input("teacher_multiplier", default=8, min=2, max=64, tooltip="The teacher takes this many times the steps."),
                 io.Int.Input("samples", default=16, min=1, max=4096, tooltip="Noise seeds theta is fitted on."),
                 io.Int.Input("holdout_samples", default=8, min=1, max=4096, tooltip="Other seeds, only to report the error before and after."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="First fit seed; held-out seeds start 1,000,000 later."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="First fit seed; held-out seeds start 1,000,000 later. Fixed, so a re-run gives the same theta.",
+                ),
                 Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP),
             ],
             outputs=[
@@ -124,7 +140,9 @@ class PerflowSaveThetaNode(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 Perflow.Input("perflow", tooltip="Settings to save, e.g. from PeRFlow Calibrate Theta."),
-                io.String.Input("filename", default="perflow_theta", tooltip="Name of the new file (without extension)."),
+                io.String.Input(
+                    "filename", default="perflow_theta", tooltip="Name of the new file (without extension); _1, _2, ... is added if it exists."
+                ),
                 io.Combo.Input(
                     "ckpt_name",
                     options=[NO_CHECKPOINT] + folder_paths.get_filename_list("checkpoints"),
@@ -139,14 +157,13 @@ class PerflowSaveThetaNode(io.ComfyNode):
     def execute(cls, perflow, filename: str, ckpt_name: str) -> io.NodeOutput:
         name = os.path.basename(filename.strip()) or "perflow_theta"
         if ckpt_name == NO_CHECKPOINT:
-            path = os.path.join(folder_paths.get_folder_paths(THETA_FOLDER)[0], f"{name}.safetensors")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            folder = folder_paths.get_folder_paths(THETA_FOLDER)[0]
+            os.makedirs(folder, exist_ok=True)
+            path = first_free_path(folder, name)
             save_theta_file(path, perflow.settings)
         else:
             source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-            path = os.path.join(os.path.dirname(source), f"{name}.safetensors")
-            if os.path.exists(path):
-                raise ValueError(f"filename: {path} already exists; choose another name")
+            path = first_free_path(os.path.dirname(source), name)
             write_perflow_checkpoint(source, path, perflow.settings)
         return io.NodeOutput(path, ui=ui.PreviewText(f"wrote {path}"))
 

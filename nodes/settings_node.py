@@ -73,7 +73,7 @@ class PerflowSettingsNode(io.ComfyNode):
                     default="",
                     multiline=True,
                     tooltip="Optional per-segment correction: one row per segment separated by ';', up to 3 numbers each "
-                    "(gain, window-end scale, velocity change), e.g. '0.1, 0, 0.2; 0, 0, 0; ...'. Empty: theta = 0 (the original).",
+                    "(gain, window-end scale, model-output change), e.g. '0.1, 0, 0.2; 0, 0, 0; ...'. Empty: theta = 0 (the original).",
                 ),
             ],
             outputs=[Perflow.Output(display_name="perflow", tooltip="PeRFlow settings for the PeRFlow nodes.")],

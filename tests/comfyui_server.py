@@ -8,6 +8,7 @@ Layout of the server's base directory (a fresh temporary folder):
     custom_nodes/comfyui-perflow -> this repository (symlink)
     models/checkpoints/perflow_tiny_sd15.safetensors   tiny SD1.5-architecture checkpoint with perflow.* keys
     models/perflow_deltas/perflow_tiny_delta.safetensors   small random delta, diffusers UNet key names
+    models/perflow_theta/perflow_tiny_theta.safetensors   standalone theta file (an option for Load PeRFlow Theta)
     input/perflow_example_input.png   64x64 image for the img2img workflow
     user/default/comfy.settings.json   skips the frontend's first-visit template dialog
 The server log is copied to test-artifacts/comfyui_server.log (git-ignored) when the server stops.
@@ -42,6 +43,8 @@ PACK_NAME = "comfyui-perflow"
 
 CHECKPOINT_NAME = "perflow_tiny_sd15.safetensors"
 DELTA_NAME = "perflow_tiny_delta.safetensors"
+THETA_NAME = "perflow_tiny_theta.safetensors"
+THETA_FOLDER = "models/perflow_theta"
 INPUT_IMAGE_NAME = "perflow_example_input.png"
 
 # The example workflows: UI format in example_workflows/<name>.json, API format in tests/workflows_api/<name>_api.json.
@@ -53,6 +56,21 @@ PERFLOW_NODE_IDS = [
     "PerflowKSampler",
     "PerflowCheckpointLoader",
     "PerflowApplyDelta",
+    "PerflowCalibrate",
+    "PerflowSaveTheta",
+    "PerflowLoadTheta",
+]
+# What the frontend's node search shows for them (same order).
+PERFLOW_DISPLAY_NAMES = [
+    "PeRFlow Settings",
+    "PeRFlow Scheduler",
+    "PeRFlow Sampler",
+    "PeRFlow KSampler",
+    "Load PeRFlow Checkpoint",
+    "Apply PeRFlow Delta Weights",
+    "PeRFlow Calibrate Theta",
+    "Save PeRFlow Theta",
+    "Load PeRFlow Theta",
 ]
 
 SERVER_START_TIMEOUT_S = 180
@@ -241,9 +259,10 @@ def _write_delta(checkpoint: Path, out: Path) -> None:
 
 
 def prepare_base_directory(base: Path) -> None:
+    from perflow_core.checkpoint import save_theta_file
     from perflow_core.settings import PerflowSettings
 
-    for folder in ("custom_nodes", "models/checkpoints", "models/perflow_deltas", "input", "output", "user/default"):
+    for folder in ("custom_nodes", "models/checkpoints", "models/perflow_deltas", THETA_FOLDER, "input", "output", "user/default"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     # Skip the "Get started with a template" dialog of the first visit; no minimap over the screenshots.
@@ -254,6 +273,8 @@ def prepare_base_directory(base: Path) -> None:
     assert checkpoint.is_file(), f"build_tiny_sd15_checkpoint did not write {checkpoint}"
     _write_delta(checkpoint, base / "models/perflow_deltas" / DELTA_NAME)
     _write_input_image(base / "input" / INPUT_IMAGE_NAME)
+    theta = PerflowSettings(segments=4, prediction_type="diff_eps", theta=[[0.02, 0.0, 0.01], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])
+    save_theta_file(base / THETA_FOLDER / THETA_NAME, theta)
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -18,6 +18,7 @@ import pytest
 from comfyui_server import (
     ARTIFACTS,
     PACK_NAME,
+    PERFLOW_DISPLAY_NAMES,
     PERFLOW_NODE_IDS,
     REPO_ROOT,
     WORKFLOW_NAMES,
@@ -37,14 +38,7 @@ pytestmark = [
     pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason())),
 ]
 
-SEARCH_DISPLAY_NAMES = [
-    "PeRFlow Settings",
-    "PeRFlow Scheduler",
-    "PeRFlow Sampler",
-    "PeRFlow KSampler",
-    "Load PeRFlow Checkpoint",
-    "Apply PeRFlow Delta Weights",
-]
+SEARCH_DISPLAY_NAMES = PERFLOW_DISPLAY_NAMES
 SCREENSHOT = ARTIFACTS / "comfyui_perflow.png"
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "comfyui_workflow.png"
 DOCS_MAX_BYTES = 500_000

@@ -700,9 +700,11 @@ def test_theta_saved_into_a_checkpoint_copy_is_read_by_the_loader(env, checkpoin
     assert torch.allclose(loaded.settings.theta, choice.settings.theta.float().double(), atol=1e-7)
 
 
-def test_saving_over_an_existing_checkpoint_is_refused_naming_filename(env, checkpoints_folder, tiny_sd15_checkpoint):
+def test_saving_never_overwrites_an_existing_file(env, checkpoints_folder, tiny_sd15_checkpoint):
     import shutil
 
     shutil.copy(tiny_sd15_checkpoint, checkpoints_folder / "tiny_base.safetensors")
-    with pytest.raises(ValueError, match="filename"):
-        run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice_for(env, "diff_eps"), filename="tiny_base", ckpt_name="tiny_base.safetensors")
+    before = (checkpoints_folder / "tiny_base.safetensors").stat().st_mtime_ns
+    path = run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice_for(env, "diff_eps"), filename="tiny_base", ckpt_name="tiny_base.safetensors")[0]
+    assert path.endswith("tiny_base_1.safetensors")
+    assert (checkpoints_folder / "tiny_base.safetensors").stat().st_mtime_ns == before

@@ -1,5 +1,6 @@
-"""End to end against a real ComfyUI server (COMFYUI_PATH): the pack loads, its nodes are described, the
-example workflows run through the HTTP API, and bad inputs give a readable execution error.
+"""End to end against a real ComfyUI server (COMFYUI_PATH): the pack loads, its nine nodes are described, the
+example workflows and a small calibrate-and-save graph run through the HTTP API, and bad inputs give a
+readable execution error.
 
 The server (headless, --cpu, tiny SD1.5-architecture checkpoint) comes from tests/comfyui_server.py; its
 log is kept in test-artifacts/comfyui_server.log. Skipped when COMFYUI_PATH is not set (CI has no ComfyUI).
@@ -19,7 +20,10 @@ from comfyui_server import (
     CHECKPOINT_NAME,
     EXAMPLE_WORKFLOWS,
     PACK_NAME,
+    PERFLOW_DISPLAY_NAMES,
     PERFLOW_NODE_IDS,
+    THETA_FOLDER,
+    THETA_NAME,
     WORKFLOW_NAMES,
     api_workflow,
     comfy_server,  # noqa: F401  (session fixture)
@@ -38,7 +42,15 @@ EXPECTED_INPUTS = {
     "PerflowKSampler": (["model", "seed", "steps", "cfg", "positive", "negative", "latent_image", "denoise", "perflow"], 1),
     "PerflowCheckpointLoader": (["ckpt_name"], 4),
     "PerflowApplyDelta": (["model", "delta_name", "strength"], 1),
+    "PerflowCalibrate": (
+        ["model", "positive", "negative", "latent_image", "cfg", "steps", "teacher_multiplier", "samples", "holdout_samples", "seed", "perflow"],
+        3,
+    ),
+    "PerflowSaveTheta": (["perflow", "filename", "ckpt_name"], 1),
+    "PerflowLoadTheta": (["theta_name"], 1),
 }
+# The Save node's choice for "no checkpoint: a standalone theta file" (nodes/calibration_nodes.py NO_CHECKPOINT).
+STANDALONE_THETA = "(standalone theta file)"
 
 _wall_times: dict[str, float] = {}
 
@@ -77,6 +89,19 @@ def test_pack_imports_cleanly(comfy_server):
     print(f"ComfyUI {stats['system'].get('comfyui_version')}, python {stats['system'].get('python_version', '').split()[0]}")
 
 
+def test_every_node_has_expected_inputs_and_a_display_name():
+    assert sorted(EXPECTED_INPUTS) == sorted(PERFLOW_NODE_IDS)
+    assert len(PERFLOW_DISPLAY_NAMES) == len(PERFLOW_NODE_IDS) == len(set(PERFLOW_DISPLAY_NAMES))
+
+
+@requires_comfyui
+def test_all_nodes_are_in_the_full_object_info(comfy_server):
+    info = comfy_server.get_json("/object_info", timeout=60)
+    ours = sorted(node_id for node_id, node in info.items() if PACK_NAME in node.get("python_module", ""))
+    assert ours == sorted(PERFLOW_NODE_IDS)
+    assert [info[node_id]["display_name"] for node_id in PERFLOW_NODE_IDS] == PERFLOW_DISPLAY_NAMES
+
+
 @requires_comfyui
 @pytest.mark.parametrize("node_id", PERFLOW_NODE_IDS)
 def test_node_is_described_in_object_info(comfy_server, node_id):
@@ -85,6 +110,7 @@ def test_node_is_described_in_object_info(comfy_server, node_id):
     node = info[node_id]
     assert PACK_NAME in node["python_module"]
     assert node["display_name"] and "PeRFlow" in node["display_name"]
+    assert node["category"], node_id
     assert node["description"]
     inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
     expected_inputs, outputs = EXPECTED_INPUTS[node_id]
@@ -92,8 +118,64 @@ def test_node_is_described_in_object_info(comfy_server, node_id):
     for name, (_, options) in inputs.items():
         assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert len(node["output"]) == outputs
-    if "perflow" in inputs:
+    if "perflow" in inputs and node_id != "PerflowSaveTheta":  # saving needs settings to save
         assert "perflow" in node["input"].get("optional", {}), "the PERFLOW input is optional"
+
+
+@requires_comfyui
+def test_theta_and_checkpoint_dropdowns_list_the_files(comfy_server):
+    load = comfy_server.get_json("/object_info/PerflowLoadTheta")["PerflowLoadTheta"]
+    assert THETA_NAME in _combo_options(load["input"]["required"]["theta_name"])
+    save = comfy_server.get_json("/object_info/PerflowSaveTheta")["PerflowSaveTheta"]
+    options = _combo_options(save["input"]["required"]["ckpt_name"])
+    assert options[0] == STANDALONE_THETA and CHECKPOINT_NAME in options, options
+
+
+def _combo_options(spec) -> list:
+    """A combo input's options: V1 lists them first (`[[a, b], {...}]`), V3 as `["COMBO", {"options": [...]}]`."""
+    kind, options = spec[0], spec[1] if len(spec) > 1 else {}
+    return list(kind) if isinstance(kind, list) else list(options.get("options", []))
+
+
+def calibration_prompt(filename: str) -> dict:
+    """Tiny checkpoint -> PeRFlow Calibrate Theta (4 steps, 4 + 2 seeds, teacher 8 steps, 8x8 latent) -> Save PeRFlow Theta (standalone)."""
+    text = lambda words: {"class_type": "CLIPTextEncode", "inputs": {"text": words, "clip": ["1", 1]}}  # noqa: E731
+    return {
+        "1": {"class_type": "PerflowCheckpointLoader", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
+        "2": text("a lighthouse on a cliff"),
+        "3": text("blurry"),
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {
+            "class_type": "PerflowCalibrate",
+            "inputs": {
+                "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "perflow": ["1", 3],
+                "cfg": 4.5, "steps": 4, "teacher_multiplier": 2, "samples": 4, "holdout_samples": 2, "seed": 0,
+            },
+        },
+        "6": {"class_type": "PerflowSaveTheta", "inputs": {"perflow": ["5", 0], "filename": filename, "ckpt_name": STANDALONE_THETA}},
+    }
+
+
+@requires_comfyui
+def test_calibrate_and_save_theta_through_the_api(comfy_server):
+    filename = f"perflow_api_calibrated_{int(time.time() * 1000)}"
+    target = comfy_server.base / THETA_FOLDER / f"{filename}.safetensors"
+    started = time.perf_counter()
+    entry = comfy_server.run(calibration_prompt(filename))
+    seconds = time.perf_counter() - started
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"], indent=1)[:4000]
+    _record_time("PerflowCalibrate -> PerflowSaveTheta (steps 4, samples 4+2, teacher x2, 64x64)", seconds)
+    calibrate_ui = entry["outputs"]["5"]
+    report = "".join(calibrate_ui.get("text", []))
+    assert "theta" in report and "per segment" in report, calibrate_ui
+    (image,) = calibrate_ui["images"]
+    folder = comfy_server.base / image.get("type", "temp") / image.get("subfolder", "")
+    assert (folder / image["filename"]).is_file(), image
+    assert target.is_file() and target.stat().st_size > 0, target
+    assert str(target) in "".join(entry["outputs"]["6"].get("text", [])), entry["outputs"]["6"]
+    # The new file is offered by Load PeRFlow Theta (the dropdown is re-read per /object_info call).
+    load = comfy_server.get_json("/object_info/PerflowLoadTheta")["PerflowLoadTheta"]
+    assert target.name in _combo_options(load["input"]["required"]["theta_name"])
 
 
 @requires_comfyui
