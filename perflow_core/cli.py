@@ -132,6 +132,50 @@ def add_theta_commands(commands) -> None:
     commands.add_parser("bench", help="benchmark PeRFlow against diffusers (and ComfyUI) samplers; see perflow bench --help")
 
 
+def run_train_student(args: argparse.Namespace) -> int:
+    """Train a PeRFlow student of the analytic digits model by piecewise reflow and write it as one .safetensors."""
+    from dataclasses import asdict
+
+    from .reflow import ReflowConfig, default_digits_student, evaluate_digits_student, save_student, train_digits_student
+    from .settings import PerflowSettings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ReflowConfig(
+        segments=args.segments,
+        parameterisation=args.parameterisation,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        steps=args.steps,
+        seed=args.seed,
+        teacher_pool_size=args.teacher_pool,
+        window_start_share=args.window_start_share,
+    )
+    print(f"piecewise reflow of the analytic digits model (smoothing {args.smoothing}): {config}")
+    torch.manual_seed(config.seed)
+    student = default_digits_student(num_prototypes=args.prototypes, num_memory_stages=args.memory_stages)
+    student, history = train_digits_student(config, args.smoothing, student, log_every=max(args.steps // 10, 1))
+    settings = PerflowSettings(segments=config.segments, prediction_type=config.parameterisation)
+    training = {
+        "command": "perflow train-student",
+        "smoothing": args.smoothing,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **asdict(config),
+    }
+    save_student(args.output, student, settings, training=training)
+    report = evaluate_digits_student(student, settings, smoothing=args.smoothing)
+    print(f"loss curve: {history.summary()}")
+    print(f"time: {history.seconds:.1f} s ({history.teacher_seconds:.1f} s teacher pool), {torch.get_num_threads()} CPU threads")
+    for steps in report.student:
+        print(
+            f"{steps}-step RMSE to the exact ODE on {len(report.seeds)} held-out seeds: student {report.student[steps]:.4f}, "
+            f"PeRFlow on the teacher {report.teacher[steps]:.4f}"
+        )
+    print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perflow", description="PeRFlow sampling tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing in [-1, 1] units")
     demo.add_argument("--output", default="outputs/perflow_demo.png", help="PNG grid to write")
     demo.set_defaults(run=run_demo)
+    train = commands.add_parser("train-student", help="train a PeRFlow student of the analytic digits model (reflow)")
+    train.add_argument("--output", default="perflow_core/data/perflow_student_digits.safetensors", help="file to write")
+    train.add_argument("--steps", type=int, default=6000, help="optimiser steps (default 6000)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    train.add_argument("--segments", type=int, default=4, help="segments K (default 4)")
+    train.add_argument("--parameterisation", default="velocity", choices=["velocity", "ddim_eps", "diff_eps"])
+    train.add_argument("--batch-size", type=int, default=256, help="samples per step (default 256)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    train.add_argument("--teacher-pool", type=int, default=65536, help="teacher pairs per window, 0: fresh every step")
+    train.add_argument("--window-start-share", type=float, default=0.5, help="share of t moved to window starts (0: uniform t)")
+    train.add_argument("--prototypes", type=int, default=2048, help="size of the student's prototype memory")
+    train.add_argument("--memory-stages", type=int, default=2, help="query points of the prototype memory")
+    train.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing in [-1, 1] units")
+    train.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, reproducible; 0: torch's default)")
+    train.set_defaults(run=run_train_student)
     add_theta_commands(commands)
     return parser
 
