@@ -30,6 +30,11 @@ class PerflowChoice:
         return replace(self.settings, theta=self.settings.theta.clone(), prediction_type=default_prediction_type(base_model))
 
 
+def default_choice() -> PerflowChoice:
+    """The original PeRFlow (K = 4 uniform, theta = 0) with the parameterisation picked per model family."""
+    return PerflowChoice(PerflowSettings(), auto_prediction_type=True)
+
+
 def default_prediction_type(base_model: Any) -> str:
     """The released PeRFlow models' parameterisation for a model family: SDXL ddim_eps, SD2.x-v and flow
     models velocity, other eps models (SD1.x) diff_eps."""
@@ -59,7 +64,7 @@ def sample_perflow_comfy(model, x, sigmas, extra_args=None, callback=None, disab
     """KSAMPLER function: PeRFlow with the original's timesteps on any ComfyUI guider."""
     base_model = model.inner_model.inner_model
     space = ModelSpace.of(model_sampling_of(model))
-    settings = (choice or PerflowChoice(PerflowSettings(), auto_prediction_type=True)).resolved_for(base_model)
+    settings = (choice or default_choice()).resolved_for(base_model)
     if space.kind != "flow":
         extra_args = with_perflow_timesteps(extra_args)
     return sample_perflow(model, x, sigmas, extra_args, callback, disable, settings=settings, space=space)

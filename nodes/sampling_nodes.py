@@ -9,15 +9,14 @@ import torch
 from comfy_api.latest import io
 
 from ..perflow_core.k_sampling import ModelSpace, perflow_sigmas
-from ..perflow_core.settings import PerflowSettings
-from .glue import PerflowChoice, perflow_ksampler
+from .glue import PerflowChoice, default_choice, perflow_ksampler
 from .settings_node import Perflow
 
 SETTINGS_TOOLTIP = "PeRFlow settings (PeRFlow Settings or the PeRFlow checkpoint loader). Not connected: the original PeRFlow (K = 4, theta = 0, auto)."
 
 
 def choice_or_default(perflow: PerflowChoice | None) -> PerflowChoice:
-    return perflow if perflow is not None else PerflowChoice(PerflowSettings(), auto_prediction_type=True)
+    return perflow if perflow is not None else default_choice()
 
 
 def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None):
