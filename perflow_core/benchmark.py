@@ -50,6 +50,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
 from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, rmse
+from .noise_schedule import alphas_cumprod_for
+from .parameterization import velocity_and_window_end
 from .pipeline import UnconditionalPipeline
 from .scheduler import PerflowScheduler
 from .settings import PerflowSettings
@@ -131,18 +133,12 @@ class SamplerRun:
 
 
 # ------------------------------------------------------------------------------------------ models
-class CountingModel(torch.nn.Module):
-    """Wraps a ``model(sample, timestep)`` for a pipeline: counts calls and shifts the timestep.
+class ModelWrapper(torch.nn.Module):
+    """A module around ``self.model`` that a pipeline takes for the model (its config, dtype and device)."""
 
-    The analytic model reads model timestep ``tau`` at ``alphas_cumprod[tau - 1]`` (PeRFlow's
-    convention); diffusers' schedulers mean ``alphas_cumprod[t]``, so they need ``timestep_offset=1``.
-    """
-
-    def __init__(self, model: torch.nn.Module, timestep_offset: float = 0.0):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        self.timestep_offset = timestep_offset
-        self.calls = 0
 
     @property
     def config(self) -> Any:
@@ -155,6 +151,19 @@ class CountingModel(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+
+class CountingModel(ModelWrapper):
+    """Wraps a ``model(sample, timestep)`` for a pipeline: counts calls and shifts the timestep.
+
+    The analytic model reads model timestep ``tau`` at ``alphas_cumprod[tau - 1]`` (PeRFlow's
+    convention); diffusers' schedulers mean ``alphas_cumprod[t]``, so they need ``timestep_offset=1``.
+    """
+
+    def __init__(self, model: torch.nn.Module, timestep_offset: float = 0.0):
+        super().__init__(model)
+        self.timestep_offset = timestep_offset
+        self.calls = 0
 
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -579,7 +588,8 @@ def comfy_rows(comfy: ComfyEnvironment, work: Workload) -> List[Row]:
 
 # ------------------------------------------------------------------------------------------ student
 STUDENT_THETA_ZERO = "student theta=0"
-STUDENT_CALIBRATED = "student calibrated"
+STUDENT_CALIBRATED = "student cal. (exact-ODE teacher)"
+STUDENT_STORED = "student, stored theta"
 BEST_PEER_ON_TEACHER = "best peer on teacher"
 
 
@@ -625,32 +635,77 @@ def _find_smoothing(key: str, value: Any) -> Optional[float]:
 
 
 def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, title: str, costs: List[CalibrationCost]) -> Tuple[List[Row], List[str]]:
-    """The student at theta = 0 and calibrated, against the exact ODE of its teacher, beside the best peer."""
-    zero = Row(STUDENT_THETA_ZERO, "student", f"{settings.prediction_type}, K={settings.segments}, NFE = steps", "none")
-    stored = not settings.theta_is_zero
-    calibrated = Row(STUDENT_CALIBRATED, "student", "stored theta" if stored else "theta fitted per NFE", "stored in the file" if stored else f"student's PeRFlow flow at {TEACHER_MULTIPLIER}x steps")
-    best = Row(BEST_PEER_ON_TEACHER, "reference", "best diffusers/ComfyUI sampler on the analytic teacher at each NFE")
-    skipped = [nfe for nfe in work.nfes if nfe < settings.segments]
+    """The student at theta = 0, calibrated per NFE, with its stored theta, and under the diffusers peers,
+    all against the exact ODE of its teacher, beside the best peer on the teacher itself."""
     zero_settings = dataclasses.replace(settings, theta=None)
-    for nfe in (n for n in work.nfes if n >= settings.segments):
-        zero.record(nfe, run_perflow(student, zero_settings, work.held_out.noise.float(), nfe), nfe, work.held_out.endpoint, work.model)
-        theta = settings.theta if stored else _calibrate_student(student, zero_settings, nfe, work, title, costs)
+    zero = Row(STUDENT_THETA_ZERO, "student", f"{settings.prediction_type}, K={settings.segments}, NFE = steps", "none")
+    calibrated = Row(STUDENT_CALIBRATED, "student", "theta fitted per NFE on the fit seeds", "its teacher's exact ODE at window ends")
+    stored = Row(STUDENT_STORED, "student", "the theta stored in the file, at every NFE", "stored in the file")
+    reference, noise = work.held_out.endpoint, work.held_out.noise.float()
+    usable = [nfe for nfe in work.nfes if nfe >= settings.segments]
+    for nfe in usable:
+        zero.record(nfe, run_perflow(student, zero_settings, noise, nfe), nfe, reference, work.model)
+        plan = StudentPlan.build(zero_settings, nfe, work.model.alphas_cumprod)
+        theta = _calibrate(student, nfe, work, exact_ode_teacher(plan, [work.fit, work.held_out]), zero_settings).theta
         calibrated.theta[nfe] = theta.tolist()
-        tuned = dataclasses.replace(settings, theta=theta)
-        calibrated.record(nfe, run_perflow(student, tuned, work.held_out.noise.float(), nfe), nfe, work.held_out.endpoint, work.model)
-    for nfe in work.nfes:
+        calibrated.record(nfe, run_perflow(student, dataclasses.replace(settings, theta=theta), noise, nfe), nfe, reference, work.model)
+        if not settings.theta_is_zero:
+            stored.theta[nfe] = settings.theta.tolist()
+            stored.record(nfe, run_perflow(student, settings, noise, nfe), nfe, reference, work.model)
+    rows = [zero, calibrated] + ([stored] if not settings.theta_is_zero else [])
+    rows += student_peer_rows(student, settings, work)
+    rows.append(_best_peer_row(teacher_result, work.nfes))
+    notes = [f"student PeRFlow NFE {n} skipped: below its K={settings.segments} segments" for n in work.nfes if n < settings.segments]
+    notes.append("peers on the student read its window-end prediction as DDIM eps (StudentEpsModel)")
+    return rows, notes
+
+
+def student_peer_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload) -> List[Row]:
+    """Every diffusers peer run on the student through `StudentEpsModel`."""
+    model, rows = StudentEpsModel(student, settings), []
+    for peer in DIFFUSERS_PEERS:
+        row = Row(f"{peer.name} on student", "student-peer", f"{peer.class_name}, defaults + trailing; the student as an eps model")
+        for nfe in work.nfes:
+            row.record(nfe, run_diffusers_peer(peer, model, work.held_out.noise.float(), nfe), peer.steps_for(nfe), work.held_out.endpoint, work.model)
+        rows.append(row)
+    return rows
+
+
+def _best_peer_row(teacher_result: ModelResult, nfes: Sequence[int]) -> Row:
+    best = Row(BEST_PEER_ON_TEACHER, "reference", "best diffusers/ComfyUI sampler on the analytic teacher at each NFE")
+    for nfe in nfes:
         peer = teacher_result.best_peer(nfe)
         if peer is not None:
             best.errors[nfe], best.errors_x0_map[nfe] = peer.errors[nfe], peer.errors_x0_map[nfe]
             best.best_of[nfe] = peer.sampler
-    notes = [f"student NFE {n} skipped: below its K={settings.segments} segments" for n in skipped]
-    return [zero, calibrated, best], notes
+    return best
 
 
-def _calibrate_student(student: torch.nn.Module, settings: PerflowSettings, nfe: int, work: Workload, title: str, costs: List[CalibrationCost]) -> torch.Tensor:
-    report = _calibrate(student, nfe, work, None, settings)
-    costs.append(CalibrationCost(title, nfe, f"student's PeRFlow flow at {TEACHER_MULTIPLIER}x steps", report.total_seconds, report.teacher_seconds))
-    return report.theta
+class StudentEpsModel(ModelWrapper):
+    """A PeRFlow student read as an eps model, so any diffusers solver can sample it.
+
+    At ``(z, t)`` the student predicts its window's straight line; the line's two ends ``z_s``, ``z_e`` are put
+    on one deterministic DDIM trajectory, ``z = sqrt(a) x0 + sqrt(1 - a) eps`` with the same x0 and eps (as
+    `perflow_core.parameterization.clean_estimate`), and that eps is returned. Timesteps are PeRFlow's (use
+    ``CountingModel(..., timestep_offset=1)`` under a diffusers scheduler).
+    """
+
+    def __init__(self, student: torch.nn.Module, settings: PerflowSettings):
+        super().__init__(student)
+        self.prediction_type = settings.prediction_type
+        self.segments = settings.build_segments()
+        self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps=settings.num_train_timesteps)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        window = self.segments.window(t, t, self.alphas_cumprod)
+        output = self.model(sample, t).sample
+        velocity, z_end = velocity_and_window_end(self.prediction_type, output, sample, window)
+        z_start = sample + (window.t_start - window.t) * velocity
+        root_s, root_e = math.sqrt(window.alpha_start), math.sqrt(window.alpha_end)
+        noise_s, noise_e = math.sqrt(1 - window.alpha_start), math.sqrt(1 - window.alpha_end)
+        eps = (root_e * z_start - root_s * z_end) / (root_e * noise_s - root_s * noise_e)
+        return SimpleNamespace(sample=eps)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -801,8 +856,8 @@ def required_ratios(analytic: Sequence[ModelResult], student: Optional[ModelResu
             ratios.append(Ratio(f"{tag} {short}@4 / best peer@4 ({_name(peer4)})", _divide(c4, peer4.error(4, endpoint_map) if peer4 else None), TARGETS["peer_same_nfe"], False, endpoint_map))
             ratios.append(Ratio(f"{tag} {short}@4 / best peer@8 ({_name(peer8)})", _divide(c4, peer8.error(8, endpoint_map) if peer8 else None), TARGETS["peer_8"], False, endpoint_map))
     if student is not None:
-        calibrated, best = student.row(STUDENT_CALIBRATED), student.row(BEST_PEER_ON_TEACHER)
-        for row in (student.row(STUDENT_THETA_ZERO), calibrated):
+        best = student.row(BEST_PEER_ON_TEACHER)
+        for row in (student.row(STUDENT_THETA_ZERO), student.row(STUDENT_CALIBRATED), student.row(STUDENT_STORED)):
             if row is not None and best is not None:
                 peer = best.best_of.get(8, "n/a")
                 ratios.append(Ratio(f"student s={student.smoothing:g} {row.sampler}@4 / best peer on teacher@8 ({peer})", _divide(row.error(4, endpoint_map), best.error(8, endpoint_map)), TARGETS["student"], False, endpoint_map))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -12,8 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from .pipeline import UnconditionalPipeline, to_images
-from .scheduler import PerflowScheduler
+from .pipeline import to_images
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,32 +35,28 @@ def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], scale: int =
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Sample the embedded analytic model with PeRFlow and compare with the exact ODE solution."""
+    """The embedded PeRFlow student at 4 steps vs its teacher with the best solver vs the exact ODE."""
+    from .demo import format_demo_table, run_demo_comparison
+
+    if args.samples < 1 or args.grid < 1:
+        raise ValueError(f"--samples and --grid must be at least 1; got {args.samples} and {args.grid}")
     seeds = list(range(args.seed, args.seed + args.samples))
-    model = AnalyticDigitsDenoiser(smoothing=args.smoothing)
-    scheduler = PerflowScheduler(prediction_type="ddim_eps", segments=args.segments)
-    pipeline = UnconditionalPipeline(unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    noise = noise_for_seeds(seeds)
-
-    started = time.perf_counter()
-    perflow = pipeline(latents=noise, num_inference_steps=args.steps, output_type="pt").images
-    perflow_seconds = time.perf_counter() - started
-
-    alphas = scheduler.alphas_cumprod
-    started = time.perf_counter()
-    exact = solve_probability_flow_ode(model, noise.double(), float(alphas[-1]), float(alphas[0]))
-    exact_seconds = time.perf_counter() - started
-
+    result = run_demo_comparison(seeds, args.steps, args.student)
+    student, best = result.student, result.best_on_teacher
+    shown = slice(0, min(args.grid, len(seeds)))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([perflow, exact.float()], [f"PeRFlow {args.steps} steps", "exact ODE"]).save(output)
-    print(f"model: analytic 8x8 digits denoiser (smoothing {args.smoothing}), SD1.5 noise schedule")
-    print(f"PeRFlow: K={args.segments} segments, ddim_eps, {args.steps} steps, theta = 0, {len(seeds)} seeds")
-    print(f"RMSE to the exact probability-flow ODE solution (same noise, same end level): {rmse(perflow, exact):.5f}")
-    print(f"data RMS for scale: {float(exact.pow(2).mean().sqrt()):.3f}")
-    print(f"time: PeRFlow {perflow_seconds * 1000:.1f} ms, exact ODE {exact_seconds * 1000:.1f} ms")
-    print(f"wrote {output}")
+    rows = [student.samples[shown].float(), best.samples[shown].float(), result.exact[shown].float()]
+    labels = [f"student, PeRFlow {args.steps} steps", f"teacher, {best.sampler} {args.steps} steps", "teacher, exact ODE"]
+    image_grid(rows, labels).save(output)
+    print(f"student: {result.student_path.name}; teacher: the analytic 8x8 digits model (smoothing {result.smoothing:g}), SD1.5 schedule")
+    print(f"{len(seeds)} noise seeds from {args.seed}; every sample compared at sigma = 0 (RMSE, data in [-1, 1])")
+    print(format_demo_table(result))
+    print(
+        f"student {args.steps} steps / best solver on the teacher at {args.steps} steps ({best.sampler}): "
+        f"{student.error / best.error:.3f}x the error"
+    )
+    print(f"wrote {output} (rows: student, teacher with {best.sampler}, exact ODE; first {shown.stop} seeds)")
     return 0
 
 
@@ -71,24 +66,34 @@ def analytic_model_fn(smoothing: float):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    """Fit theta for the analytic model and write it to a theta file (and optionally a checkpoint copy)."""
-    from .calibration import calibrate_theta
+    """Fit theta for the analytic model or a trained student; write a theta file (and optionally a checkpoint copy)."""
+    from .calibration import calibrate_theta, ode_teacher, StudentPlan
     from .checkpoint import save_theta_file, write_perflow_checkpoint
     from .noise_schedule import alphas_cumprod_for
-    from .settings import PerflowSettings
 
     if args.samples < 1 or args.holdout < 1:
         raise ValueError("--samples and --holdout must be at least 1")
-    settings = PerflowSettings(segments=args.segments, prediction_type=args.parameterisation)
+    if args.checkpoint and not args.output_checkpoint:
+        raise ValueError("--checkpoint needs --output-checkpoint (the new file; the checkpoint itself is never changed)")
+    model_fn, settings, smoothing, described = _calibration_model(args)
+    alphas = alphas_cumprod_for()
     fit = noise_for_seeds(range(args.seed, args.seed + args.samples)).double()
     holdout_start = args.seed + 1_000_000
     held_out = noise_for_seeds(range(holdout_start, holdout_start + args.holdout)).double()
-    report = calibrate_theta(
-        analytic_model_fn(args.smoothing), settings, args.steps, alphas_cumprod_for(), fit, held_out, teacher_multiplier=args.teacher_multiplier
-    )
-    learned = PerflowSettings(segments=args.segments, theta=report.theta, prediction_type=args.parameterisation)
+    teacher = None
+    if args.teacher == "exact":
+        denoiser = AnalyticDigitsDenoiser(smoothing=smoothing)
+        solve = lambda z, alpha_from, alpha_to: solve_probability_flow_ode(denoiser, z, alpha_from, alpha_to)  # noqa: E731
+        teacher = ode_teacher(solve, StudentPlan.build(settings, args.steps, alphas))
+    report = calibrate_theta(model_fn, settings, args.steps, alphas, fit, held_out, teacher, args.teacher_multiplier)
+    learned = dataclasses.replace(settings, theta=report.theta)
     save_theta_file(args.output, learned)
-    print(f"model: analytic 8x8 digits (smoothing {args.smoothing}); {args.steps} steps, K={args.segments}, {args.parameterisation}")
+    teacher_name = (
+        f"the exact probability-flow ODE of the analytic model (smoothing {smoothing})"
+        if args.teacher == "exact"
+        else f"the same PeRFlow flow at {args.teacher_multiplier}x the steps"
+    )
+    print(f"model: {described}; {args.steps} steps, K={settings.segments}, {settings.prediction_type}; teacher: {teacher_name}")
     print(report.summary())
     print("theta (gain, window-end scale, output change):")
     for k, row in enumerate(report.theta.tolist()):
@@ -98,6 +103,27 @@ def run_calibrate(args: argparse.Namespace) -> int:
         write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned)
         print(f"wrote {args.output_checkpoint}")
     return 0
+
+
+def _calibration_model(args: argparse.Namespace):
+    """``(model_fn, settings, smoothing of the analytic model, description)`` for ``perflow calibrate``."""
+    from .settings import PerflowSettings
+
+    if not args.student:
+        smoothing = DEFAULT_SMOOTHING if args.smoothing is None else args.smoothing
+        settings = PerflowSettings(segments=args.segments, prediction_type=args.parameterisation)
+        return analytic_model_fn(smoothing), settings, smoothing, f"analytic 8x8 digits (smoothing {smoothing})"
+    from .reflow import load_student, student_smoothing
+
+    student, settings = load_student(args.student)
+    smoothing = student_smoothing(args.student) if args.smoothing is None else args.smoothing
+
+    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
+        with torch.no_grad():
+            return student(z.float(), timestep).sample.to(z.dtype)
+
+    described = f"student {args.student} (its teacher: analytic digits, smoothing {smoothing})"
+    return model_fn, dataclasses.replace(settings, theta=None), smoothing, described
 
 
 def run_write_theta(args: argparse.Namespace) -> int:
@@ -110,11 +136,21 @@ def run_write_theta(args: argparse.Namespace) -> int:
 
 
 def add_theta_commands(commands) -> None:
-    calibrate = commands.add_parser("calibrate", help="fit theta for the analytic model against a many-step teacher")
+    calibrate = commands.add_parser("calibrate", help="fit theta for the analytic model or a student against a teacher")
+    calibrate.add_argument("--student", help="calibrate this trained student file (segments, parameterisation from it)")
+    calibrate.add_argument(
+        "--teacher",
+        choices=("perflow", "exact"),
+        default="perflow",
+        help="perflow: the model's own PeRFlow flow at --teacher-multiplier x steps (default); "
+        "exact: the analytic model's exact ODE (a student's own teacher)",
+    )
     calibrate.add_argument("--steps", type=int, default=4, help="network calls to calibrate for (default 4)")
-    calibrate.add_argument("--segments", type=int, default=4, help="segments K (default 4)")
-    calibrate.add_argument("--parameterisation", default="ddim_eps", help="ddim_eps (default), diff_eps or velocity")
-    calibrate.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing of the analytic model")
+    calibrate.add_argument("--segments", type=int, default=4, help="segments K of the analytic model (default 4)")
+    calibrate.add_argument("--parameterisation", default="ddim_eps", help="analytic model: ddim_eps (default), diff_eps or velocity")
+    calibrate.add_argument(
+        "--smoothing", type=float, default=None, help=f"data smoothing of the analytic model (default {DEFAULT_SMOOTHING}, or the student's)"
+    )
     calibrate.add_argument("--samples", type=int, default=128, help="fit seeds (default 128)")
     calibrate.add_argument("--holdout", type=int, default=256, help="held-out seeds for the report (default 256)")
     calibrate.add_argument("--seed", type=int, default=0, help="first fit seed; held-out seeds start 1,000,000 later")
@@ -132,11 +168,26 @@ def add_theta_commands(commands) -> None:
     commands.add_parser("bench", help="benchmark PeRFlow against diffusers (and ComfyUI) samplers; see perflow bench --help")
 
 
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1,4,2, got {text!r}") from None
+
+
 def run_train_student(args: argparse.Namespace) -> int:
     """Train a PeRFlow student of the analytic digits model by piecewise reflow and write it as one .safetensors."""
     from dataclasses import asdict
 
-    from .reflow import ReflowConfig, default_digits_student, evaluate_digits_student, save_student, train_digits_student
+    from .reflow import (
+        ReflowConfig,
+        default_digits_student,
+        evaluate_digits_student,
+        load_student,
+        save_student,
+        student_training,
+        train_digits_student,
+    )
     from .settings import PerflowSettings
 
     if args.threads:
@@ -150,17 +201,31 @@ def run_train_student(args: argparse.Namespace) -> int:
         seed=args.seed,
         teacher_pool_size=args.teacher_pool,
         window_start_share=args.window_start_share,
+        window_weights=args.window_weights,
     )
     print(f"piecewise reflow of the analytic digits model (smoothing {args.smoothing}): {config}")
-    torch.manual_seed(config.seed)
-    student = default_digits_student(num_prototypes=args.prototypes, num_memory_stages=args.memory_stages)
-    student, history = train_digits_student(config, args.smoothing, student, log_every=max(args.steps // 10, 1))
+    if args.init:
+        student, settings = load_student(args.init)
+        if (settings.segments, settings.prediction_type) != (config.segments, config.parameterisation):
+            raise SystemExit(
+                f"--init {args.init} samples with K = {settings.segments}, {settings.prediction_type}; "
+                f"this run trains K = {config.segments}, {config.parameterisation}"
+            )
+        student.train()
+    else:
+        torch.manual_seed(config.seed)
+        student = default_digits_student(num_prototypes=args.prototypes, num_memory_stages=args.memory_stages)
+    student, history = train_digits_student(
+        config, args.smoothing, student, log_every=max(args.steps // 10, 1), initialise_prototypes=not args.init
+    )
     settings = PerflowSettings(segments=config.segments, prediction_type=config.parameterisation)
     training = {
         "command": "perflow train-student",
         "smoothing": args.smoothing,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "init": Path(args.init).name if args.init else None,
+        "init_training": student_training(args.init) if args.init else None,
         **asdict(config),
     }
     save_student(args.output, student, settings, training=training)
@@ -179,12 +244,12 @@ def run_train_student(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perflow", description="PeRFlow sampling tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="sample the embedded analytic model and compare with the exact ODE")
+    demo = commands.add_parser("demo", help="the embedded PeRFlow student at 4 steps vs its teacher with the best solver vs the exact ODE")
     demo.add_argument("--steps", type=int, default=4, help="network calls (default 4)")
-    demo.add_argument("--segments", type=int, default=4, help="segments K (default 4)")
-    demo.add_argument("--samples", type=int, default=16, help="number of seeds (default 16)")
-    demo.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    demo.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing in [-1, 1] units")
+    demo.add_argument("--samples", type=int, default=256, help="noise seeds measured (default 256)")
+    demo.add_argument("--seed", type=int, default=10_000, help="first seed (default 10000; theta was fitted on 0-127)")
+    demo.add_argument("--grid", type=int, default=16, help="seeds shown in the PNG (default 16)")
+    demo.add_argument("--student", help="a student file (default: the embedded perflow_student_digits.safetensors)")
     demo.add_argument("--output", default="outputs/perflow_demo.png", help="PNG grid to write")
     demo.set_defaults(run=run_demo)
     train = commands.add_parser("train-student", help="train a PeRFlow student of the analytic digits model (reflow)")
@@ -200,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prototypes", type=int, default=2048, help="size of the student's prototype memory")
     train.add_argument("--memory-stages", type=int, default=2, help="query points of the prototype memory")
     train.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING, help="data smoothing in [-1, 1] units")
+    train.add_argument(
+        "--window-weights", type=_float_list, help="share of samples per window, e.g. 1,1,4,2 (default: t uniform)"
+    )
+    train.add_argument("--init", help="go on training this student file (its prototypes are kept)")
     train.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, reproducible; 0: torch's default)")
     train.set_defaults(run=run_train_student)
     add_theta_commands(commands)

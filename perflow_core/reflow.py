@@ -38,7 +38,7 @@ from .checkpoint import PERFLOW_PREFIXES, read_perflow_settings, write_perflow_c
 from .noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
 from .parameterization import canonical_prediction_type, window_start_coefficients
 from .pipeline import UnconditionalPipeline
-from .segments import Segments, Window
+from .segments import BOUNDARY_TOLERANCE, Segments, Window
 from .settings import PerflowSettings
 
 DataSource = Callable[[int, torch.Generator], torch.Tensor]
@@ -205,6 +205,8 @@ class ReflowConfig:
             with a fresh t), which is exact for a deterministic teacher and much cheaper when it is slow.
         window_start_share: share of the samples whose t is moved to the start of its window (0: t uniform, as
             in the original). One sampling step per window queries the student only at window starts.
+        window_weights: relative share of the samples drawn from each window, t then uniform inside it (None:
+            t uniform in (0, 1], as in the original). A window of weight 0 is not trained and gets no teacher pool.
         warmup_steps: linear learning-rate warm-up.
         weight_decay: AdamW's weight decay.
         max_grad_norm: gradient clipping (None: no clipping).
@@ -220,6 +222,7 @@ class ReflowConfig:
     teacher_steps: int = 8
     teacher_pool_size: int = 0
     window_start_share: float = 0.0
+    window_weights: Optional[Tuple[float, ...]] = None
     warmup_steps: int = 100
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
@@ -234,6 +237,14 @@ class ReflowConfig:
             raise ValueError(f"teacher_pool_size must be >= 0, got {self.teacher_pool_size}")
         if not 0.0 <= self.window_start_share <= 1.0:
             raise ValueError(f"window_start_share must lie in [0, 1], got {self.window_start_share}")
+        if self.window_weights is not None:
+            self.window_weights = tuple(float(w) for w in self.window_weights)
+            if len(self.window_weights) != self.segments:
+                raise ValueError(
+                    f"window_weights needs one weight per window ({self.segments}), got {len(self.window_weights)}"
+                )
+            if min(self.window_weights) < 0 or not math.isfinite(sum(self.window_weights)) or sum(self.window_weights) <= 0:
+                raise ValueError(f"window_weights must be finite, >= 0 and not all 0, got {list(self.window_weights)}")
 
 
 @dataclass
@@ -265,8 +276,8 @@ class ReflowHistory:
 
 @dataclass
 class _Pool:
-    starts: List[torch.Tensor]
-    ends: List[torch.Tensor]
+    starts: List[Optional[torch.Tensor]]  # None for a window of weight 0
+    ends: List[Optional[torch.Tensor]]
 
 
 class PiecewiseReflowTrainer:
@@ -368,8 +379,7 @@ class PiecewiseReflowTrainer:
         self, data_source: DataSource, teacher: Teacher, generator: torch.Generator, pool: Optional[_Pool]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(z_t, t * T, target)`` for one step, grouped by window."""
-        t = 1.0 - torch.rand(self.config.batch_size, generator=generator, dtype=torch.float64)  # in (0, 1]
-        k_of_sample = window_indices(self.segments, t)
+        t, k_of_sample = self._draw_times(generator)
         if self.config.window_start_share:
             at_start = torch.rand(len(t), generator=generator) < self.config.window_start_share
             starts = torch.tensor(self.segments.starts, dtype=torch.float64)[k_of_sample]
@@ -384,6 +394,20 @@ class PiecewiseReflowTrainer:
             targets.append(reflow_target(self.config.parameterisation, z_start, z_end, window))
             timesteps.append(t_k * self.config.num_train_timesteps)
         return torch.cat(inputs).float(), torch.cat(timesteps).float(), torch.cat(targets).float()
+
+    def _draw_times(self, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(t, window of each t)`` for one batch."""
+        if self.config.window_weights is None:
+            t = 1.0 - torch.rand(self.config.batch_size, generator=generator, dtype=torch.float64)  # in (0, 1]
+            return t, window_indices(self.segments, t)
+        weights = torch.tensor(self.config.window_weights, dtype=torch.float64)
+        k_of_sample = torch.multinomial(weights, self.config.batch_size, replacement=True, generator=generator)
+        starts = torch.tensor(self.segments.starts, dtype=torch.float64)[k_of_sample]
+        ends = torch.tensor(self.segments.ends, dtype=torch.float64)[k_of_sample]
+        share = torch.rand(self.config.batch_size, generator=generator, dtype=torch.float64)  # in [0, 1)
+        # t in [t_start, t_end + 2e-4): sampling reads a t within 1e-4 of t_end as the next window's start
+        margin = 2 * BOUNDARY_TOLERANCE / self.config.num_train_timesteps
+        return starts - share * (starts - ends - margin), k_of_sample
 
     def _window_pairs(
         self,
@@ -402,7 +426,11 @@ class PiecewiseReflowTrainer:
 
     def _teacher_pool(self, data_source: DataSource, teacher: Teacher, generator: torch.Generator, chunk: int = 1024) -> _Pool:
         starts, ends = [], []
-        for window in self.windows:
+        for k, window in enumerate(self.windows):
+            if self.config.window_weights is not None and self.config.window_weights[k] == 0:
+                starts.append(None)
+                ends.append(None)
+                continue
             z_start = noise_to_window_start(data_source(self.config.teacher_pool_size, generator), window, generator)
             z_end = torch.cat([teacher(part, window).detach() for part in z_start.split(chunk)])
             starts.append(z_start)
@@ -658,6 +686,21 @@ def load_student(path: Union[str, Path]) -> Tuple[ModelMixin, PerflowSettings]:
     return model.eval(), settings
 
 
+def student_training(path: Union[str, Path]) -> Optional[Dict[str, object]]:
+    """How a student file was trained (its ``student_training`` metadata), or None if it does not say."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        text = (handle.metadata() or {}).get(STUDENT_TRAINING_KEY)
+    return json.loads(text) if text else None
+
+
+def student_smoothing(path: Union[str, Path]) -> float:
+    """The smoothing of the analytic teacher a student file was trained from (its training metadata)."""
+    smoothing = (student_training(path) or {}).get("smoothing")
+    if smoothing is None:
+        raise ValueError(f"{path} does not record its teacher's smoothing (student_training metadata); pass it explicitly")
+    return float(smoothing)
+
+
 def _plain_config(model: ModelMixin) -> Dict[str, object]:
     return {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
 
@@ -722,12 +765,14 @@ def train_digits_student(
     student: Optional[ReflowStudent] = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
+    initialise_prototypes: bool = True,
 ) -> Tuple[ReflowStudent, ReflowHistory]:
     """Piecewise reflow of the analytic digits model (exact ODE teacher) into a student.
 
     A student built here (``student=None``: `default_digits_student`) is initialised from
     ``torch.manual_seed(config.seed)``; the prototypes of any student with a memory start at a
-    `farthest_point_selection` of data drawn with seed ``config.seed + 1``. The run is then a function of
+    `farthest_point_selection` of data drawn with seed ``config.seed + 1`` unless ``initialise_prototypes`` is
+    False (to go on training a trained student). The run is then a function of
     ``config`` and the initial weights (on a fixed CPU thread count).
 
     Returns:
@@ -737,7 +782,7 @@ def train_digits_student(
         torch.manual_seed(config.seed)
         student = default_digits_student(num_train_timesteps=config.num_train_timesteps)
     data_source = smoothed_digits_source(smoothing)
-    if getattr(student, "memory", None) is not None:
+    if initialise_prototypes and getattr(student, "memory", None) is not None:
         count = student.memory.prototypes.shape[0]
         candidates = data_source(PROTOTYPE_CANDIDATES_PER_PROTOTYPE * count, torch.Generator().manual_seed(config.seed + 1))
         student.initialise_prototypes(farthest_point_selection(candidates, count))

@@ -15,7 +15,7 @@ import torch
 
 # A timestep belongs to the first window whose end lies more than this far below it, so a point
 # exactly on a boundary belongs to the later window (the original's rule, in timestep units).
-_BOUNDARY_TOLERANCE = 0.1
+BOUNDARY_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Segments:
     def index_of(self, timestep: float) -> int:
         """The window a model timestep belongs to (a boundary belongs to the later window)."""
         for k, t_end in enumerate(self.ends):
-            if timestep - _BOUNDARY_TOLERANCE > t_end * self.num_train_timesteps:
+            if timestep - BOUNDARY_TOLERANCE > t_end * self.num_train_timesteps:
                 return k
         return len(self) - 1
 

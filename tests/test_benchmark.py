@@ -1,5 +1,7 @@
 """The error-vs-NFE benchmark: a smoke run of `--quick`, and the mapping of final states to sigma = 0."""
 
+import contextlib
+import io
 import json
 import math
 
@@ -12,6 +14,7 @@ from perflow_core.benchmark import (
     DIFFUSERS_PEERS,
     QUICK_NFES,
     Endpoint,
+    StudentEpsModel,
     StudentPlan,
     boundary_levels,
     diffusers_endpoint,
@@ -23,7 +26,8 @@ from perflow_core.benchmark import (
     run_diffusers_peer,
     run_perflow,
 )
-from perflow_core.calibration import rmse
+from perflow_core.calibration import ode_teacher, rmse
+from perflow_core.settings import PerflowSettings
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +44,19 @@ def peer(name):
     return next(p for p in DIFFUSERS_PEERS if p.name == name)
 
 
-def test_quick_run_writes_the_json_and_the_plot(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``--quick`` run without ComfyUI: (exit code, output folder, what it printed)."""
+    output, printed = tmp_path_factory.mktemp("benchmark"), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.delenv("COMFYUI_PATH", raising=False)
+        code = main(["--quick", "--output-dir", str(output)])
+    return code, output, printed.getvalue()
+
+
+def test_quick_run_writes_the_json_and_the_plot(quick_run):
+    code, tmp_path, printed = quick_run
+    assert code == 0
     payload = json.loads((tmp_path / "benchmark.json").read_text())
     assert {"config", "models", "ratios", "overhead", "calibration_cost", "seconds"} <= set(payload)
     assert payload["config"]["nfes"] == list(QUICK_NFES)
@@ -61,7 +75,6 @@ def test_quick_run_writes_the_json_and_the_plot(tmp_path, monkeypatch, capsys):
     assert payload["overhead"] and all(o["ratio"] > 0 for o in payload["overhead"])
     with Image.open(tmp_path / "benchmark.png") as image:
         assert image.width > 500 and image.height > 300
-    printed = capsys.readouterr().out
     assert "required ratios" in printed and "ComfyUI samplers: COMFYUI_PATH is not set" in printed
 
 
@@ -120,3 +133,29 @@ def test_exact_teacher_targets_are_exact_at_window_ends_and_on_the_line_inside(m
             share = (window.t_start - window.t_next) / (window.t_start - window.t_end)
             assert 0 < share < 1 and torch.allclose(target, start + share * (end - start), atol=1e-12)
     assert rmse(path.endpoint, solve_probability_flow_ode(model, noise.double(), float(model.alphas_cumprod[-1]), 1.0)) < 1e-5
+
+
+@pytest.mark.parametrize("timestep", [1000.0, 750.0, 250.0])
+def test_a_ddim_eps_model_read_as_a_student_gives_back_its_eps_at_window_starts(model, noise, timestep):
+    settings = PerflowSettings(prediction_type="ddim_eps")
+    eps_model = StudentEpsModel(model, settings)
+    z = noise.double() if timestep == 1000.0 else 0.5 * noise.double()
+    expected = model(z, timestep).sample
+    assert torch.allclose(eps_model(z, torch.tensor(timestep)).sample, expected, atol=1e-9)
+
+
+def test_the_calibration_ode_teacher_agrees_with_the_benchmarks_precomputed_one(model, noise):
+    plan = StudentPlan.build(perflow_settings(6), 6, model.alphas_cumprod)
+    path = exact_path(model, noise, boundary_levels(model.alphas_cumprod, [4]))
+    solve = lambda z, a, b: solve_probability_flow_ode(model, z, a, b)  # noqa: E731
+    computed = ode_teacher(solve, plan)(noise.double())
+    precomputed = exact_ode_teacher(plan, [path])(noise.clone())
+    assert all(rmse(a, b) < 1e-10 for a, b in zip(computed, precomputed))
+
+
+def test_the_student_table_has_every_diffusers_peer_run_on_the_student(quick_run):
+    payload = json.loads((quick_run[1] / "benchmark.json").read_text())
+    student = next(m for m in payload["models"] if m["title"].startswith("PeRFlow student"))
+    samplers = [row["sampler"] for row in student["rows"]]
+    assert {"student theta=0", "student cal. (exact-ODE teacher)", "best peer on teacher"} <= set(samplers)
+    assert {f"{p.name} on student" for p in DIFFUSERS_PEERS} <= set(samplers)

@@ -1,17 +1,45 @@
 from perflow_core.cli import main
 
 
-def test_demo_writes_a_grid_and_prints_the_error_and_time(tmp_path, capsys):
+from PIL import Image
+
+
+def test_demo_compares_the_student_with_every_solver_on_its_teacher(tmp_path, capsys):
     output = tmp_path / "grid.png"
-    assert main(["demo", "--samples", "3", "--output", str(output)]) == 0
+    assert main(["demo", "--samples", "6", "--grid", "4", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert output.stat().st_size > 0
-    assert "RMSE to the exact probability-flow ODE solution" in printed and "time: PeRFlow" in printed
+    assert "| student | PeRFlow (velocity, K=4" in printed
+    for solver in ("PeRFlow (ddim_eps", "diffusers Euler", "diffusers DDIM", "diffusers DPM++ 2M", "diffusers UniPC", "diffusers DEIS", "diffusers Heun"):
+        assert f"| teacher | {solver}" in printed
+    assert "(best on the teacher)" in printed and "exact probability-flow ODE" in printed
+    assert "student 4 steps / best solver on the teacher at 4 steps" in printed
 
 
-def test_demo_error_is_reported_without_a_traceback(tmp_path, capsys):
-    assert main(["demo", "--steps", "0", "--samples", "1", "--output", str(tmp_path / "x.png")]) == 2
-    assert "num_inference_steps must be a whole number >= 1" in capsys.readouterr().err
+def test_demo_grid_has_a_row_each_for_student_best_solver_and_exact_ode(tmp_path, capsys):
+    output = tmp_path / "grid.png"
+    assert main(["demo", "--samples", "5", "--grid", "3", "--output", str(output)]) == 0
+    capsys.readouterr()
+    width, height = Image.open(output).size
+    assert 3 * 48 <= height < 4 * 48 and width > 3 * 48
+
+
+def test_demo_with_fewer_steps_than_segments_names_the_input(tmp_path, capsys):
+    assert main(["demo", "--steps", "2", "--samples", "1", "--output", str(tmp_path / "x.png")]) == 2
+    assert "steps must be at least the student's K = 4 segments" in capsys.readouterr().err
+
+
+def test_calibrate_a_student_against_its_teachers_exact_ode_into_a_copy_of_its_file(tmp_path, capsys):
+    from perflow_core.benchmark import STUDENT_PATH
+    from perflow_core.reflow import load_student
+
+    copy = tmp_path / "student.safetensors"
+    arguments = ["--student", str(STUDENT_PATH), "--teacher", "exact", "--samples", "8", "--holdout", "4"]
+    paths = ["--output", str(tmp_path / "theta.safetensors"), "--checkpoint", str(STUDENT_PATH), "--output-checkpoint", str(copy)]
+    assert main(["calibrate", *arguments, *paths]) == 0
+    printed = capsys.readouterr().out
+    assert "exact probability-flow ODE of the analytic model (smoothing 0.05)" in printed
+    model, settings = load_student(copy)
+    assert settings.prediction_type == "velocity" and not settings.theta_is_zero
 
 
 def test_calibrate_writes_a_theta_file_the_reader_loads(tmp_path, capsys):

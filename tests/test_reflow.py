@@ -23,6 +23,7 @@ from perflow_core.reflow import (
     reflow_target,
     save_student,
     smoothed_digits_source,
+    student_training,
     training_windows,
     window_indices,
 )
@@ -160,6 +161,49 @@ def test_a_teacher_pool_trains_on_the_same_teacher_pairs():
     config = ReflowConfig(batch_size=32, steps=5, teacher_pool_size=48, warmup_steps=1)
     PiecewiseReflowTrainer(config).train(student, gaussian_source, counting_teacher)
     assert calls == [48, 48, 48, 48]
+
+
+def test_window_weights_draw_each_window_in_proportion_and_skip_weight_zero():
+    config = ReflowConfig(batch_size=4000, window_weights=(0, 1, 3, 0))
+    trainer = PiecewiseReflowTrainer(config)
+    t, windows = trainer._draw_times(torch.Generator().manual_seed(0))
+    counts = torch.bincount(windows, minlength=4).tolist()
+    assert counts[0] == 0 and counts[3] == 0 and 2.6 < counts[2] / counts[1] < 3.4
+    assert torch.equal(window_indices(trainer.segments, t), windows)
+
+
+def test_a_window_of_weight_zero_gets_no_teacher_pool():
+    torch.manual_seed(0)
+    student = ReflowStudent(hidden_size=16, num_blocks=1, time_embedding_size=16)
+    calls = []
+
+    def counting_teacher(z_start, window):
+        calls.append(window.index)
+        return shrinking_teacher(z_start, window)
+
+    config = ReflowConfig(batch_size=16, steps=3, teacher_pool_size=32, warmup_steps=1, window_weights=(0, 0, 1, 1))
+    PiecewiseReflowTrainer(config).train(student, gaussian_source, counting_teacher)
+    assert calls == [2, 3]
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, -1, 1, 1), (0, 0, 0, 0), (1, float("nan"), 1, 1)])
+def test_bad_window_weights_are_refused_naming_the_input(weights):
+    with pytest.raises(ValueError, match="window_weights"):
+        ReflowConfig(window_weights=weights)
+
+
+def test_training_goes_on_from_a_saved_student_keeping_its_prototypes(tmp_path, capsys):
+    first = tmp_path / "first.safetensors"
+    tiny_run = ["--steps", "2", "--batch-size", "16", "--teacher-pool", "32", "--threads", "0"]
+    assert main(["train-student", "--output", str(first), "--prototypes", "32", *tiny_run]) == 0
+    second = tmp_path / "second.safetensors"
+    assert main(["train-student", "--init", str(first), "--output", str(second), "--window-weights", "0,0,1,1", *tiny_run]) == 0
+    capsys.readouterr()
+    before, after = load_student(first)[0], load_student(second)[0]
+    assert after.config.num_prototypes == 32
+    assert not torch.equal(before.input.weight, after.input.weight)
+    assert student_training(second)["init"] == "first.safetensors"
+    assert student_training(second)["init_training"]["steps"] == 2
 
 
 def test_the_train_student_command_writes_a_student_with_its_perflow_settings(tmp_path, capsys):
