@@ -55,6 +55,7 @@ from .parameterization import velocity_and_window_end
 from .pipeline import UnconditionalPipeline
 from .scheduler import PerflowScheduler
 from .settings import PerflowSettings
+from .solver import perflow_step
 
 NFES = (2, 4, 6, 8, 16)
 QUICK_NFES = (2, 4, 8)
@@ -660,6 +661,28 @@ def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Work
     return rows, notes
 
 
+@torch.no_grad()
+def student_window_errors(student: torch.nn.Module, settings: PerflowSettings, work: Workload, far: float = 0.2) -> List[str]:
+    """Where the student's K-step error comes from: one student step from the exact state at a window's start,
+    then the exact ODE the rest of the way, for each window in turn (theta = 0)."""
+    plan = StudentPlan.build(dataclasses.replace(settings, theta=None), settings.segments, work.model.alphas_cumprod)
+    states, lines = work.held_out.states, []
+    for timestep, window in zip(plan.timesteps, plan.windows):
+        if window.alpha_start not in states or window.alpha_end not in states:
+            return [f"window errors skipped: no exact state at window {window.index}'s ends"]
+        start = states[window.alpha_start]
+        output = student(start.float(), timestep).sample.double()
+        end = perflow_step(settings.prediction_type, output, start, window, None, None, 0, timestep).prev_sample
+        final = solve_probability_flow_ode(work.model, end, window.alpha_end, 1.0)
+        per_sample = (final - work.held_out.endpoint).pow(2).flatten(1).mean(1).sqrt()
+        lines.append(
+            f"window {window.index} (t {window.t_start:g} -> {window.t_end:g}): one student step from the exact state is "
+            f"{rmse(end, states[window.alpha_end]):.4f} RMSE off at the window end; carried on by the exact ODE, "
+            f"{rmse(final, work.held_out.endpoint):.4f} at sigma 0, {float((per_sample > far).double().mean()):.1%} of samples over {far} RMSE"
+        )
+    return lines
+
+
 def student_peer_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload) -> List[Row]:
     """Every diffusers peer run on the student through `StudentEpsModel`."""
     model, rows = StudentEpsModel(student, settings), []
@@ -1113,6 +1136,7 @@ def student_section(path: Path, default_smoothing: float, held_out: Sequence[int
         teacher_result = analytic_result(workloads[smoothing], comfy, [])
     title = f"PeRFlow student vs its teacher (analytic, smoothing {smoothing:g})"
     rows, notes = student_rows(student, settings, workloads[smoothing], teacher_result, title, costs)
+    notes += student_window_errors(student, settings, workloads[smoothing])
     return ModelResult(title, smoothing, rows, notes + [f"teacher smoothing {how}"]), status
 
 

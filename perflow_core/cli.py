@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -100,9 +101,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"  segment {k}: " + ", ".join(f"{v:+.4f}" for v in row))
     print(f"wrote {args.output}")
     if args.checkpoint:
-        write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned)
+        record = {
+            **{name: getattr(args, name) for name in CALIBRATION_RECORD},
+            "teacher_description": teacher_name,
+            "smoothing": smoothing,
+            "held_out_rmse_theta_zero": round(report.error_before, 6),
+            "held_out_rmse_calibrated": round(report.error_after, 6),
+        }
+        metadata = {"perflow_theta_calibration": json.dumps(record, sort_keys=True)}
+        write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned, extra_metadata=metadata)
         print(f"wrote {args.output_checkpoint}")
     return 0
+
+
+# The perflow calibrate arguments recorded in a checkpoint written with --output-checkpoint.
+CALIBRATION_RECORD = ("teacher", "steps", "samples", "holdout", "seed", "teacher_multiplier")
 
 
 def _calibration_model(args: argparse.Namespace):
@@ -234,7 +247,7 @@ def run_train_student(args: argparse.Namespace) -> int:
     print(f"time: {history.seconds:.1f} s ({history.teacher_seconds:.1f} s teacher pool), {torch.get_num_threads()} CPU threads")
     for steps in report.student:
         print(
-            f"{steps}-step RMSE to the exact ODE on {len(report.seeds)} held-out seeds: student {report.student[steps]:.4f}, "
+            f"{steps}-step RMSE to the exact ODE on the {len(report.seeds)} validation seeds {report.seeds[0]}-{report.seeds[-1]}: student {report.student[steps]:.4f}, "
             f"PeRFlow on the teacher {report.teacher[steps]:.4f}"
         )
     print(f"wrote {args.output} ({Path(args.output).stat().st_size / 1e6:.2f} MB)")

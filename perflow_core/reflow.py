@@ -48,7 +48,8 @@ STUDENT_CONFIG_KEY = "student_config"
 STUDENT_CLASS_KEY = "student_class"
 STUDENT_TRAINING_KEY = "student_training"
 # Held-out evaluation noise: `noise_for_seeds` seeds far from anything the trainer's generator draws.
-HELD_OUT_SEEDS = tuple(range(10_000, 10_016))
+# Noise seeds students are judged on while training: neither theta's fit seeds (0-127) nor the benchmark's (10000-10255).
+VALIDATION_SEEDS = tuple(range(20_000, 20_256))
 # The analytic teacher's RK4 grid: 4 steps per unit of log(sigma) land within ~1e-4 RMSE of the exact
 # window end in every window of SD1.5 with K = 4, far below what a student can fit.
 ANALYTIC_TEACHER_STEPS_PER_LOG_SIGMA = 4.0
@@ -734,7 +735,7 @@ class DigitsStudentReport:
     """4-step (and 8-step) RMSE of a student and of the teacher's own PeRFlow sampling against the exact ODE.
 
     Args:
-        seeds: the held-out noise seeds (`noise_for_seeds`).
+        seeds: the noise seeds (`noise_for_seeds`; by default `VALIDATION_SEEDS`).
         student: ``{steps: RMSE}`` of the student's PeRFlow samples.
         teacher: ``{steps: RMSE}`` of PeRFlow (``ddim_eps``) applied to the analytic teacher itself.
     """
@@ -796,7 +797,7 @@ def evaluate_digits_student(
     student: nn.Module,
     settings: PerflowSettings,
     smoothing: float = DEFAULT_SMOOTHING,
-    seeds: Sequence[int] = HELD_OUT_SEEDS,
+    seeds: Sequence[int] = VALIDATION_SEEDS,
     steps: Sequence[int] = (4, 8),
 ) -> DigitsStudentReport:
     """RMSE against the exact probability-flow ODE solution of the analytic teacher (same noise, same end level)."""

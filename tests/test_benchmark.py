@@ -159,3 +159,11 @@ def test_the_student_table_has_every_diffusers_peer_run_on_the_student(quick_run
     samplers = [row["sampler"] for row in student["rows"]]
     assert {"student theta=0", "student cal. (exact-ODE teacher)", "best peer on teacher"} <= set(samplers)
     assert {f"{p.name} on student" for p in DIFFUSERS_PEERS} <= set(samplers)
+
+
+def test_the_student_table_says_how_much_error_each_window_adds(quick_run):
+    payload = json.loads((quick_run[1] / "benchmark.json").read_text())
+    student = next(m for m in payload["models"] if m["title"].startswith("PeRFlow student"))
+    windows = [note for note in student["notes"] if note.startswith("window ")]
+    assert [note.split(" (")[0] for note in windows] == ["window 0", "window 1", "window 2", "window 3"]
+    assert all("RMSE off at the window end" in note and "at sigma 0" in note for note in windows)

@@ -1,26 +1,30 @@
 """Spec of piecewise reflow training (`perflow_core.reflow`) and of the shipped digits student."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from perflow_core.analytic import AnalyticDigitsDenoiser, solve_probability_flow_ode
-from perflow_core.checkpoint import read_perflow_settings
+from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
 from perflow_core.cli import main
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.parameterization import velocity_and_window_end
 from perflow_core.reflow import (
-    HELD_OUT_SEEDS,
+    VALIDATION_SEEDS,
     DDIMTeacher,
     PiecewiseReflowTrainer,
     ReflowConfig,
     ReflowStudent,
-    evaluate_digits_student,
+    exact_ode_samples,
     interpolate_in_window,
     load_student,
     noise_to_window_start,
     reflow_target,
+    rmse,
+    sample_perflow,
     save_student,
     smoothed_digits_source,
     student_training,
@@ -28,6 +32,7 @@ from perflow_core.reflow import (
     window_indices,
 )
 from perflow_core.scheduler import PerflowScheduler
+from perflow_core.settings import PerflowSettings
 from perflow_core.segments import Segments, Window
 
 SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "perflow_core" / "data" / "perflow_student_digits.safetensors"
@@ -45,10 +50,6 @@ def window_pair(window: Window, seed: int = 0):
     z_start = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
     z_end = 0.7 * z_start + 0.3 * torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
     return z_start, z_end
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 # --- windows and targets -------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_the_shipped_student_round_trips_through_save_and_load(shipped, tmp_path
     assert reloaded.config == model.config
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert (reloaded_settings.prediction_type, reloaded_settings.segments) == (settings.prediction_type, 4)
-    assert read_perflow_settings(SHIPPED_STUDENT).theta_is_zero
+    assert torch.equal(reloaded_settings.theta, settings.theta)
 
 
 def test_the_shipped_student_is_small_and_gives_finite_outputs(shipped):
@@ -252,8 +253,33 @@ def test_the_shipped_student_samples_with_the_scheduler_from_its_own_file(shippe
     assert scheduler.prediction_type == shipped[1].prediction_type
 
 
-def test_the_shipped_student_at_4_steps_beats_perflow_on_the_teacher(shipped):
+@pytest.fixture(scope="module")
+def validation():
+    """``(noise, exact ODE solution at alphas_cumprod[0])`` for the validation seeds."""
+    noise = noise_for_seeds(VALIDATION_SEEDS)
+    return noise, exact_ode_samples(AnalyticDigitsDenoiser(smoothing=0.05), noise)
+
+
+def test_the_shipped_student_at_4_steps_beats_perflow_on_the_teacher(shipped, validation):
     model, settings = shipped
-    report = evaluate_digits_student(model, settings, seeds=HELD_OUT_SEEDS, steps=(4,))
-    assert len(report.seeds) == 16
-    assert report.student[4] < 0.75 * report.teacher[4]
+    noise, exact = validation
+    teacher = AnalyticDigitsDenoiser(smoothing=0.05)
+    student_error = rmse(sample_perflow(model, settings, noise, 4), exact)
+    teacher_error = rmse(sample_perflow(teacher, PerflowSettings(prediction_type="ddim_eps"), noise, 4), exact)
+    assert student_error < 0.8 * teacher_error
+
+
+def test_the_shipped_students_stored_theta_lowers_its_4_step_error(shipped, validation):
+    model, settings = shipped
+    noise, exact = validation
+    assert not settings.theta_is_zero
+    plain = dataclasses.replace(settings, theta=None)
+    assert rmse(sample_perflow(model, settings, noise, 4), exact) < 0.98 * rmse(sample_perflow(model, plain, noise, 4), exact)
+
+
+def test_the_shipped_student_records_how_it_was_trained_and_calibrated():
+    training = student_training(SHIPPED_STUDENT)
+    assert training["smoothing"] == 0.05 and training["init_training"]["seed"] == 0
+    with safe_open(str(SHIPPED_STUDENT), framework="pt") as handle:
+        calibration = json.loads(handle.metadata()["perflow_theta_calibration"])
+    assert (calibration["teacher"], calibration["steps"], calibration["seed"], calibration["samples"]) == ("exact", 4, 0, 128)
