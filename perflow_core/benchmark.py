@@ -591,6 +591,7 @@ def comfy_rows(comfy: ComfyEnvironment, work: Workload) -> List[Row]:
 STUDENT_THETA_ZERO = "student theta=0"
 STUDENT_CALIBRATED = "student cal. (exact-ODE teacher)"
 STUDENT_STORED = "student, stored theta"
+STUDENT_PEER_SUFFIX = " on student"
 BEST_PEER_ON_TEACHER = "best peer on teacher"
 
 
@@ -687,7 +688,7 @@ def student_peer_rows(student: torch.nn.Module, settings: PerflowSettings, work:
     """Every diffusers peer run on the student through `StudentEpsModel`."""
     model, rows = StudentEpsModel(student, settings), []
     for peer in DIFFUSERS_PEERS:
-        row = Row(f"{peer.name} on student", "student-peer", f"{peer.class_name}, defaults + trailing; the student as an eps model")
+        row = Row(f"{peer.name}{STUDENT_PEER_SUFFIX}", "student-peer", f"{peer.class_name}, defaults + trailing; the student as an eps model")
         for nfe in work.nfes:
             row.record(nfe, run_diffusers_peer(peer, model, work.held_out.noise.float(), nfe), peer.steps_for(nfe), work.held_out.endpoint, work.model)
         rows.append(row)
@@ -961,7 +962,7 @@ PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 520, 410, 70, 20, 50,
 
 def plot_results(results: Sequence[ModelResult], nfes: Sequence[int], endpoint_map: str, path: Path) -> None:
     """One panel per model: RMSE vs NFE, log-scale y, a line per sampler, a shared legend below."""
-    names = list(dict.fromkeys(r.sampler for result in results for r in result.rows))
+    names = list(dict.fromkeys(_colour_key(r.sampler) for result in results for r in result.rows))
     colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
     legend_rows = math.ceil(len(names) / 3)
     image = Image.new("RGB", (PANEL_W * len(results), PANEL_H + 20 + 18 * legend_rows), "white")
@@ -1007,9 +1008,14 @@ def _draw_panel(draw: ImageDraw.ImageDraw, font: Any, left: int, result: ModelRe
         points = [(to_x(math.log2(n)), to_y(math.log10(v))) for n in nfes if (v := row.error(n, endpoint_map))]
         width = 3 if row.family in ("perflow", "student") else 1
         if len(points) > 1:
-            draw.line(points, fill=colours[row.sampler], width=width)
+            draw.line(points, fill=colours[_colour_key(row.sampler)], width=width)
         for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[row.sampler])
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[_colour_key(row.sampler)])
+
+
+def _colour_key(sampler: str) -> str:
+    """A peer run on the student takes its own colour (the student's panel shows no peer on the teacher)."""
+    return sampler.removesuffix(STUDENT_PEER_SUFFIX)
 
 
 def _axis(value_low: float, value_high: float, pixel_low: float, pixel_high: float) -> Callable[[float], float]:
