@@ -545,14 +545,17 @@ def load_comfy(scheduler: str) -> Tuple[Optional[ComfyEnvironment], str]:
 
 
 class ComfyDenoiser:
-    """``model(x, sigma) -> denoised`` over the analytic model, shaped like ComfyUI's wrapped model.
+    """``model(x, sigma) -> denoised`` over an eps model, shaped like ComfyUI's wrapped model.
 
     ``inner_model.inner_model.model_sampling`` is what ``perflow_core.k_sampling.sample_perflow`` reads.
-    The analytic model is continuous, so every sigma is evaluated exactly (no snapping to timesteps).
+    The analytic model is continuous, so every sigma is evaluated exactly (no snapping to timesteps); any
+    other model is called at ComfyUI's continuous timestep for the sigma, plus one (PeRFlow's convention,
+    as the node pack's wrapper does).
     """
 
-    def __init__(self, model: AnalyticDigitsDenoiser, model_sampling: Any):
+    def __init__(self, model: torch.nn.Module, model_sampling: Any):
         self.model = model
+        self.model_sampling = model_sampling
         self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=model_sampling))
         self.calls = 0
 
@@ -561,11 +564,16 @@ class ComfyDenoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         scale = sigma.view(-1, *([1] * (x.ndim - 1)))
         z = x.double() / (1.0 + scale**2).sqrt()
-        eps = self.model.eps_prediction(z, 1.0 / (1.0 + sigma**2))
-        return (x.double() - scale * eps).to(x.dtype)
+        return (x.double() - scale * self._eps(z, sigma)).to(x.dtype)
+
+    def _eps(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, AnalyticDigitsDenoiser):
+            return self.model.eps_prediction(z, 1.0 / (1.0 + sigma**2))
+        timestep = self.model_sampling.timestep(sigma[:1].float()) + 1
+        return self.model(z.float(), timestep).sample.double()
 
 
-def run_comfy_sampler(comfy: ComfyEnvironment, name: str, model: AnalyticDigitsDenoiser, noise: torch.Tensor, nfe: int) -> SamplerRun:
+def run_comfy_sampler(comfy: ComfyEnvironment, name: str, model: torch.nn.Module, noise: torch.Tensor, nfe: int) -> SamplerRun:
     """A ComfyUI sampler from ``x = noise * sqrt(1 + sigma_max^2)`` (KSAMPLER's full-denoise scaling)."""
     sigmas = comfy.sigmas(name, nfe)
     denoiser = ComfyDenoiser(model, comfy.model_sampling)
@@ -577,12 +585,14 @@ def run_comfy_sampler(comfy: ComfyEnvironment, name: str, model: AnalyticDigitsD
     return SamplerRun(final, endpoint_from_sigma(last_sigma, variance_exploding=True), denoiser.calls)
 
 
-def comfy_rows(comfy: ComfyEnvironment, work: Workload) -> List[Row]:
+def comfy_rows(comfy: ComfyEnvironment, work: Workload, model: Optional[torch.nn.Module] = None, suffix: str = "", family: str = "comfyui") -> List[Row]:
+    """ComfyUI's samplers on ``model`` (default: the workload's analytic model), measured against its exact ODE."""
     rows = []
     for name in COMFY_SAMPLERS:
-        row = Row(f"ComfyUI {name}", "comfyui", f"'{comfy.scheduler}' sigmas, steps = NFE")
+        row = Row(f"ComfyUI {name}{suffix}", family, f"'{comfy.scheduler}' sigmas, steps = NFE")
         for nfe in work.nfes:
-            row.record(nfe, run_comfy_sampler(comfy, name, work.model, work.held_out.noise.float(), nfe), nfe, work.held_out.endpoint, work.model)
+            run = run_comfy_sampler(comfy, name, model or work.model, work.held_out.noise.float(), nfe)
+            row.record(nfe, run, nfe, work.held_out.endpoint, work.model)
         rows.append(row)
     return rows
 
@@ -636,7 +646,7 @@ def _find_smoothing(key: str, value: Any) -> Optional[float]:
     return None
 
 
-def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, title: str, costs: List[CalibrationCost]) -> Tuple[List[Row], List[str]]:
+def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, title: str, costs: List[CalibrationCost], comfy: Optional[ComfyEnvironment] = None) -> Tuple[List[Row], List[str]]:
     """The student at theta = 0, calibrated per NFE, with its stored theta, and under the diffusers peers,
     all against the exact ODE of its teacher, beside the best peer on the teacher itself."""
     zero_settings = dataclasses.replace(settings, theta=None)
@@ -656,6 +666,8 @@ def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Work
             stored.record(nfe, run_perflow(student, settings, noise, nfe), nfe, reference, work.model)
     rows = [zero, calibrated] + ([stored] if not settings.theta_is_zero else [])
     rows += student_peer_rows(student, settings, work)
+    if comfy is not None:
+        rows += comfy_rows(comfy, work, StudentEpsModel(student, settings), STUDENT_PEER_SUFFIX, "student-peer")
     rows.append(_best_peer_row(teacher_result, work.nfes))
     notes = [f"student PeRFlow NFE {n} skipped: below its K={settings.segments} segments" for n in work.nfes if n < settings.segments]
     notes.append("peers on the student read its window-end prediction as DDIM eps (StudentEpsModel)")
@@ -1141,7 +1153,7 @@ def student_section(path: Path, default_smoothing: float, held_out: Sequence[int
         workloads[smoothing] = build_workload(smoothing, held_out, fit, nfes)
         teacher_result = analytic_result(workloads[smoothing], comfy, [])
     title = f"PeRFlow student vs its teacher (analytic, smoothing {smoothing:g})"
-    rows, notes = student_rows(student, settings, workloads[smoothing], teacher_result, title, costs)
+    rows, notes = student_rows(student, settings, workloads[smoothing], teacher_result, title, costs, comfy)
     notes += student_window_errors(student, settings, workloads[smoothing])
     return ModelResult(title, smoothing, rows, notes + [f"teacher smoothing {how}"]), status
 

@@ -13,6 +13,7 @@ from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve
 from perflow_core.benchmark import (
     DIFFUSERS_PEERS,
     QUICK_NFES,
+    STUDENT_PATH,
     Endpoint,
     StudentEpsModel,
     StudentPlan,
@@ -20,13 +21,16 @@ from perflow_core.benchmark import (
     diffusers_endpoint,
     exact_ode_teacher,
     exact_path,
+    load_comfy,
     main,
     map_to_sigma_zero,
     perflow_settings,
+    run_comfy_sampler,
     run_diffusers_peer,
     run_perflow,
 )
 from perflow_core.calibration import ode_teacher, rmse
+from perflow_core.reflow import load_student
 from perflow_core.settings import PerflowSettings
 
 
@@ -167,3 +171,16 @@ def test_the_student_table_says_how_much_error_each_window_adds(quick_run):
     windows = [note for note in student["notes"] if note.startswith("window ")]
     assert [note.split(" (")[0] for note in windows] == ["window 0", "window 1", "window 2", "window 3"]
     assert all("RMSE off at the window end" in note and "at sigma 0" in note for note in windows)
+
+
+def test_comfyui_euler_on_the_student_takes_the_same_steps_as_diffusers_ddim(noise):
+    comfy, why = load_comfy("simple")
+    if comfy is None:
+        pytest.skip(why)
+    student, settings = load_student(STUDENT_PATH)
+    eps_model = StudentEpsModel(student, settings)
+    teacher = AnalyticDigitsDenoiser(smoothing=0.05)
+    comfy_run = run_comfy_sampler(comfy, "euler", eps_model, noise, 4)
+    ddim_run = run_diffusers_peer(peer("diffusers DDIM"), eps_model, noise, 4)
+    comfy_final = map_to_sigma_zero(teacher, comfy_run.final, comfy_run.endpoint)
+    assert comfy_run.calls == 4 and rmse(comfy_final, ddim_run.final) < 1e-4
