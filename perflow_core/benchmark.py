@@ -618,32 +618,13 @@ def load_student_model(path: Path) -> Tuple[Optional[torch.nn.Module], Optional[
 
 
 def student_smoothing(path: Path, default: float) -> Tuple[float, str]:
-    """The teacher smoothing recorded in the student file's metadata, else ``default``."""
-    from safetensors import safe_open
+    """The teacher smoothing recorded in the student file's training metadata, else ``default``."""
+    from .reflow import student_smoothing as recorded_smoothing
 
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        metadata = handle.metadata() or {}
-    for key, value in metadata.items():
-        found = _find_smoothing(key, value)
-        if found is not None:
-            return found, f"read from the file's metadata ({key})"
-    return default, "not recorded in the file; assumed (--student-smoothing)"
-
-
-def _find_smoothing(key: str, value: Any) -> Optional[float]:
-    if "smoothing" in key.lower():
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    if isinstance(value, str) and value.startswith("{"):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None
-    if isinstance(value, dict):
-        return next((v for v in (_find_smoothing(str(k), item) for k, item in value.items()) if v is not None), None)
-    return None
+    try:
+        return recorded_smoothing(path), "read from the file's training metadata"
+    except ValueError:
+        return default, "not recorded in the file; assumed (--student-smoothing)"
 
 
 def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, title: str, costs: List[CalibrationCost], comfy: Optional[ComfyEnvironment] = None) -> Tuple[List[Row], List[str]]:
