@@ -49,9 +49,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, rmse
+from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, rmse, window_line_point
 from .noise_schedule import alphas_cumprod_for
-from .parameterization import velocity_and_window_end
+from .parameterization import clean_estimate, velocity_and_window_end
 from .pipeline import UnconditionalPipeline
 from .scheduler import PerflowScheduler
 from .settings import PerflowSettings
@@ -251,7 +251,7 @@ def exact_ode_teacher(plan: StudentPlan, paths: Sequence[ExactPath]) -> Teacher:
 
     def teacher(noise: torch.Tensor) -> List[torch.Tensor]:
         path = _path_for(noise, paths)
-        return [_line_target(path, window) for window in plan.windows]
+        return [window_line_point(path.states, window) for window in plan.windows]
 
     teacher.calls_per_sample = 0  # type: ignore[attr-defined]
     return teacher
@@ -262,12 +262,6 @@ def _path_for(noise: torch.Tensor, paths: Sequence[ExactPath]) -> ExactPath:
         if path.noise.shape == noise.shape and torch.equal(path.noise, noise):
             return path
     raise ValueError("the exact-ODE teacher has no precomputed path for this noise")
-
-
-def _line_target(path: ExactPath, window: Any) -> torch.Tensor:
-    start, end = path.states[window.alpha_start], path.states[window.alpha_end]
-    share = (window.t_start - window.t_next) / (window.t_start - window.t_end)
-    return torch.lerp(start, end, share)
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -702,8 +696,8 @@ class StudentEpsModel(ModelWrapper):
     """A PeRFlow student read as an eps model, so any diffusers solver can sample it.
 
     At ``(z, t)`` the student predicts its window's straight line; the line's two ends ``z_s``, ``z_e`` are put
-    on one deterministic DDIM trajectory, ``z = sqrt(a) x0 + sqrt(1 - a) eps`` with the same x0 and eps (as
-    `perflow_core.parameterization.clean_estimate`), and that eps is returned. Timesteps are PeRFlow's (use
+    on one deterministic DDIM trajectory, ``z = sqrt(a) x0 + sqrt(1 - a) eps`` with the same x0 and eps
+    (`perflow_core.parameterization.clean_estimate` solves it for x0), and that eps is returned. Timesteps are PeRFlow's (use
     ``CountingModel(..., timestep_offset=1)`` under a diffusers scheduler).
     """
 
@@ -716,12 +710,10 @@ class StudentEpsModel(ModelWrapper):
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         window = self.segments.window(t, t, self.alphas_cumprod)
-        output = self.model(sample, t).sample
-        velocity, z_end = velocity_and_window_end(self.prediction_type, output, sample, window)
+        velocity, _ = velocity_and_window_end(self.prediction_type, self.model(sample, t).sample, sample, window)
+        x0 = clean_estimate(sample, velocity, window)
         z_start = sample + (window.t_start - window.t) * velocity
-        root_s, root_e = math.sqrt(window.alpha_start), math.sqrt(window.alpha_end)
-        noise_s, noise_e = math.sqrt(1 - window.alpha_start), math.sqrt(1 - window.alpha_end)
-        eps = (root_e * z_start - root_s * z_end) / (root_e * noise_s - root_s * noise_e)
+        eps = (z_start - math.sqrt(window.alpha_start) * x0) / math.sqrt(1 - window.alpha_start)
         return SimpleNamespace(sample=eps)
 
 

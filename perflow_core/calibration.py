@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .segments import Segments, Window
+from .segments import Window
 from .settings import PerflowSettings
 from .solver import perflow_step, theta_features
 from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
@@ -145,13 +145,14 @@ def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], pla
             if alpha not in states:
                 z, current = solve(z, current, alpha), alpha
                 states[alpha] = z
-        return [_on_window_line(states, w).to(noise.dtype) for w in plan.windows]
+        return [window_line_point(states, w).to(noise.dtype) for w in plan.windows]
 
     teacher.calls_per_sample = 0  # type: ignore[attr-defined]
     return teacher
 
 
-def _on_window_line(states: dict, window: Window) -> torch.Tensor:
+def window_line_point(states: Dict[float, torch.Tensor], window: Window) -> torch.Tensor:
+    """The point at ``window.t_next`` on the straight line between the states at the window's two signal levels."""
     share = (window.t_start - window.t_next) / (window.t_start - window.t_end)
     return torch.lerp(states[window.alpha_start], states[window.alpha_end], share)
 
@@ -227,6 +228,7 @@ def _solve_ridge(normal: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean squared difference, in float64."""
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 

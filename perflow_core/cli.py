@@ -16,10 +16,6 @@ from .analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, noise_for_seeds
 from .pipeline import to_images
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())
-
-
 def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], scale: int = 6, gap: int = 2) -> Image.Image:
     """Rows of `[N, 1, H, W]` samples in [-1, 1] as one PNG-ready image, a label left of each row."""
     label_width = 120
@@ -220,11 +216,10 @@ def run_train_student(args: argparse.Namespace) -> int:
     if args.init:
         student, settings = load_student(args.init)
         if (settings.segments, settings.prediction_type) != (config.segments, config.parameterisation):
-            raise SystemExit(
+            raise ValueError(
                 f"--init {args.init} samples with K = {settings.segments}, {settings.prediction_type}; "
                 f"this run trains K = {config.segments}, {config.parameterisation}"
             )
-        student.train()
     else:
         torch.manual_seed(config.seed)
         student = default_digits_student(num_prototypes=args.prototypes, num_memory_stages=args.memory_stages)
@@ -295,9 +290,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "calibrate" and args.checkpoint and not args.output_checkpoint:
-        print("perflow: error: --checkpoint needs --output-checkpoint", file=sys.stderr)
-        return 2
     try:
         return args.run(args)
     except ValueError as error:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
+from .calibration import rmse
 from .checkpoint import PERFLOW_PREFIXES, read_perflow_settings, write_perflow_checkpoint
 from .noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
 from .parameterization import canonical_prediction_type, window_start_coefficients
@@ -723,11 +724,6 @@ def exact_ode_samples(denoiser: AnalyticDigitsDenoiser, noise: torch.Tensor) -> 
     """The exact probability-flow ODE solution from ``alphas_cumprod[-1]`` to ``alphas_cumprod[0]`` (float64)."""
     alphas = denoiser.alphas_cumprod
     return solve_probability_flow_ode(denoiser, noise.double(), float(alphas[-1]), float(alphas[0]))
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Root mean squared difference, in float64."""
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 @dataclass
