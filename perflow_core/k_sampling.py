@@ -22,6 +22,7 @@ from .parameterization import path_noise_scales
 from .segments import Segments
 from .settings import PerflowSettings
 from .solver import perflow_step
+from .theta import theta_rows_like
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def sample_perflow(
         return x
     full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
     z = start_on_path(model, x, space, windows[0], full_denoise)
-    theta = settings.theta.to(x.device)
+    theta_rows = theta_rows_like(settings.theta, x)
     ones = x.new_ones([x.shape[0]])
     previous_output = None
     for i in trange(len(windows), disable=disable):
@@ -178,7 +179,7 @@ def sample_perflow(
         x_in = space.from_path(z, sigma)
         denoised = model(x_in, sigma * ones, **extra_args)
         output = space.raw_output(x_in, sigma, denoised)
-        result = perflow_step(settings.prediction_type, output, z, window, theta[window.index], previous_output, i, timesteps[i])
+        result = perflow_step(settings.prediction_type, output, z, window, theta_rows[window.index], previous_output, i, timesteps[i])
         previous_output, z = output, result.prev_sample
         if callback is not None:
             preview = denoised if space.kind == "flow" else result.pred_original_sample

@@ -18,7 +18,7 @@ from .parameterization import canonical_prediction_type, path_noise_scales
 from .segments import Segments, Window, validate_num_segments
 from .settings import FORMAT_VERSION, PerflowSettings
 from .solver import perflow_step
-from .theta import as_theta, theta_to_list
+from .theta import as_theta, theta_rows_like, theta_to_list
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._previous: Optional[Tuple[int, torch.Tensor]] = None
+        self._theta_rows: Optional[Tuple[Tuple[torch.device, torch.dtype], List[Optional[torch.Tensor]]]] = None
 
     @classmethod
     def from_config(cls, config: Union[Dict[str, Any], Any] = None, return_unused_kwargs: bool = False, **kwargs):
@@ -141,6 +142,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         if self.config.learn_theta:
             new_theta.requires_grad_(True)
         self.theta = new_theta
+        self._theta_rows = None
         self.register_to_config(theta_init=theta_to_list(new_theta))
 
     def perflow_settings(self) -> PerflowSettings:
@@ -150,6 +152,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             segment_boundaries=None if self.config.segment_boundaries is None else self.segments.boundaries,
             theta=self.theta.detach(),
             prediction_type=self.prediction_type,
+            version=self.config.version,
             num_train_timesteps=self.config.num_train_timesteps,
         )
 
@@ -234,6 +237,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._previous = None
+        self._theta_rows = None
 
     def _check_schedule_length(self) -> None:
         if len(self.alphas_cumprod) != self.config.num_train_timesteps:
@@ -319,7 +323,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             model_output,
             sample,
             window,
-            theta_row=self.theta[window.index].to(sample.device),
+            theta_row=self._theta_row(window.index, sample),
             previous_output=previous_output,
             step_index=index,
             timestep=t,
@@ -331,6 +335,16 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, pred_original)
         return PerflowSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
+
+    def _theta_row(self, segment: int, sample: torch.Tensor) -> Optional[torch.Tensor]:
+        """Segment ``segment``'s theta row on ``sample``'s device and dtype (None when zero), prepared once per run;
+        a theta that learns is taken fresh every step so each run builds its own graph."""
+        if self.theta.requires_grad:
+            return self.theta[segment].to(sample)
+        like = (sample.device, sample.dtype)
+        if self._theta_rows is None or self._theta_rows[0] != like:
+            self._theta_rows = (like, theta_rows_like(self.theta, sample))
+        return self._theta_rows[1][segment]
 
     # ------------------------------------------------------------------------------------- add_noise
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .segments import Segments, validate_boundaries, validate_num_segments
 from .theta import as_theta, theta_to_list
 
 FORMAT_VERSION = "0.1"
+DEFAULT_SEGMENTS = 4
 
 
 @dataclass
@@ -22,7 +23,7 @@ class PerflowSettings:
     """PeRFlow sampling settings.
 
     Args:
-        segments: number of segments K.
+        segments: number of segments K (default: as many as ``segment_boundaries`` give, else 4).
         segment_boundaries: explicit boundaries in training timesteps (``[T, ..., 0]``), or None for K uniform ones.
         theta: ``[K, 3]`` float64 correction (zeros = the original PeRFlow).
         prediction_type: ``diff_eps``, ``ddim_eps`` or ``velocity``.
@@ -30,7 +31,7 @@ class PerflowSettings:
         num_train_timesteps: T.
     """
 
-    segments: int = 4
+    segments: Optional[int] = None
     segment_boundaries: Optional[List[float]] = None
     theta: torch.Tensor = field(default=None)  # type: ignore[assignment]
     prediction_type: str = "ddim_eps"
@@ -47,7 +48,7 @@ class PerflowSettings:
                     f"segments={self.segments} disagrees with segment_boundaries {self.segment_boundaries} ({count} segments)"
                 )
             self.segments = count
-        self.segments = validate_num_segments(self.segments)
+        self.segments = validate_num_segments(DEFAULT_SEGMENTS if self.segments is None else self.segments)
         self.theta = as_theta(self.theta, self.segments)
 
     def build_segments(self) -> Segments:

@@ -17,7 +17,7 @@ step's sample and coefficients (the term is 0 at the first step).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,14 @@ def as_theta(value: Any, num_segments: int, name: str = "theta") -> torch.Tensor
         raise ValueError(f"{name} contains NaN or Inf; every entry must be finite")
     padding = theta.new_zeros(num_segments, NUM_THETA_COLUMNS - theta.shape[1])
     return torch.cat([theta, padding], dim=1)
+
+
+def theta_rows_like(theta: torch.Tensor, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
+    """theta's rows for one sampling run, on ``like``'s device and dtype, None where a row is zero (the original
+    step). Done once per run: the per-step code then neither copies theta nor waits on the device to test it."""
+    if theta.requires_grad:
+        return [row.to(like) for row in theta]
+    return [row.to(like) if bool(row.any()) else None for row in theta]
 
 
 def theta_to_list(theta: torch.Tensor) -> list[list[float]]:

@@ -265,3 +265,14 @@ def test_load_state_dict_not_strict_loads_what_matches_and_logs_the_rest(caplog)
 def test_t_noise_other_than_one_is_refused():
     with pytest.raises(ValueError, match="t_noise"):
         PerflowScheduler(t_noise=0.9)
+
+
+def test_perflow_settings_keep_the_schedulers_format_version():
+    assert PerflowScheduler(version="0.2").perflow_settings().version == "0.2"
+
+
+def test_settings_take_their_segment_count_from_the_boundaries_alone():
+    from perflow_core.settings import PerflowSettings
+
+    assert PerflowSettings(segment_boundaries=[1000, 500, 0]).segments == 2
+    assert PerflowSettings().segments == 4

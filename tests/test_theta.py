@@ -135,3 +135,21 @@ def test_learn_theta_makes_the_samples_differentiable_in_theta():
         x = scheduler.step(0.5 * x + 0.1, t, x).prev_sample
     x.sum().backward()
     assert scheduler.theta.grad is not None and scheduler.theta.grad.abs().sum() > 0
+
+
+def test_theta_rows_for_a_run_are_none_where_zero_and_in_the_samples_dtype():
+    from perflow_core.theta import theta_rows_like
+
+    theta = torch.tensor([[0.0, 0.0, 0.0], [0.5, -0.25, 0.0]], dtype=torch.float64)
+    rows = theta_rows_like(theta, torch.zeros(2, dtype=torch.float16))
+    assert rows[0] is None
+    assert rows[1].dtype == torch.float16 and rows[1].tolist() == [0.5, -0.25, 0.0]
+
+
+def test_theta_rows_of_a_learning_theta_keep_its_gradient():
+    from perflow_core.theta import theta_rows_like
+
+    theta = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    rows = theta_rows_like(theta, torch.zeros(2, dtype=torch.float32))
+    sum(row.sum() for row in rows).backward()
+    assert theta.grad is not None and theta.grad.shape == (2, 3)
