@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, rmse, window_line_point
+from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, diffusers_model_fn, rmse, window_line_point
 from .noise_schedule import alphas_cumprod_for
 from .parameterization import clean_estimate, velocity_and_window_end
 from .pipeline import UnconditionalPipeline
@@ -350,16 +350,6 @@ def perflow_endpoint(scheduler: PerflowScheduler) -> Endpoint:
     return Endpoint(scheduler.segments.window(last, 0.0, scheduler.alphas_cumprod).alpha_end)
 
 
-def model_fn_of(model: torch.nn.Module) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """``calibrate_theta``'s ``model_fn``: the raw output at (z, PeRFlow timestep)."""
-
-    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        with torch.no_grad():
-            return model(z, timestep).sample
-
-    return model_fn
-
-
 @dataclass
 class CalibrationCost:
     """Wall time of one ``calibrate_theta`` call against the teacher sampling inside it."""
@@ -410,7 +400,7 @@ def _exact_teacher_for(work: Workload, nfe: int) -> Teacher:
 def _calibrate(model: torch.nn.Module, nfe: int, work: Workload, teacher: Optional[Teacher], settings: Optional[PerflowSettings] = None) -> CalibrationReport:
     settings = settings or perflow_settings(nfe)
     return calibrate_theta(
-        model_fn_of(model),
+        diffusers_model_fn(model),
         settings,
         nfe,
         work.model.alphas_cumprod,
@@ -481,14 +471,16 @@ def run_diffusers_peer(peer: DiffusersPeer, model: torch.nn.Module, noise: torch
     return SamplerRun(final, diffusers_endpoint(scheduler, peer.variance_exploding), counting.calls)
 
 
-def diffusers_rows(work: Workload) -> List[Row]:
+def diffusers_rows(work: Workload, model: Optional[torch.nn.Module] = None, suffix: str = "", family: str = "diffusers") -> List[Row]:
+    """Every diffusers peer on ``model`` (default: the workload's analytic model), against the analytic model's exact ODE."""
     rows = []
     for peer in DIFFUSERS_PEERS:
         steps = "steps = NFE // 2, calls = 2 * steps - 1" if peer.calls_per_step == 2 else "steps = NFE"
         settings = "defaults + trailing" + (f", {peer.note}" if peer.note else "")
-        row = Row(peer.name, "diffusers", f"{peer.class_name}, {settings}; {steps}")
+        row = Row(f"{peer.name}{suffix}", family, f"{peer.class_name}, {settings}; {steps}")
         for nfe in work.nfes:
-            row.record(nfe, run_diffusers_peer(peer, work.model, work.held_out.noise.float(), nfe), peer.steps_for(nfe), work.held_out.endpoint, work.model)
+            run = run_diffusers_peer(peer, model or work.model, work.held_out.noise.float(), nfe)
+            row.record(nfe, run, peer.steps_for(nfe), work.held_out.endpoint, work.model)
         rows.append(row)
     return rows
 
@@ -538,18 +530,34 @@ def load_comfy(scheduler: str) -> Tuple[Optional[ComfyEnvironment], str]:
     return ComfyEnvironment(sampling, uni_pc, samplers, eps_class(), scheduler), f"ComfyUI from {path}, '{scheduler}' sigmas"
 
 
+# eps_fn(z, sigma) -> eps: z in VP space, sigma the [B] noise-to-signal ratios of a ComfyUI sampler.
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def analytic_eps(model: AnalyticDigitsDenoiser) -> EpsFn:
+    """The analytic model's exact eps at any sigma (it is continuous: no snapping to training timesteps)."""
+    return lambda z, sigma: model.eps_prediction(z, 1.0 / (1.0 + sigma**2))
+
+
+def network_eps(model: torch.nn.Module, model_sampling: Any) -> EpsFn:
+    """An eps network called at ComfyUI's timestep for the sigma (the nearest training index) plus one,
+    PeRFlow's convention, as the node pack's wrapper calls PeRFlow models."""
+
+    def eps(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        timestep = model_sampling.timestep(sigma[:1].float()) + 1
+        return model(z.float(), timestep).sample.double()
+
+    return eps
+
+
 class ComfyDenoiser:
-    """``model(x, sigma) -> denoised`` over an eps model, shaped like ComfyUI's wrapped model.
+    """``model(x, sigma) -> denoised`` over an eps function, shaped like ComfyUI's wrapped model.
 
     ``inner_model.inner_model.model_sampling`` is what ``perflow_core.k_sampling.sample_perflow`` reads.
-    The analytic model is continuous, so every sigma is evaluated exactly (no snapping to timesteps); any
-    other model is called at ComfyUI's continuous timestep for the sigma, plus one (PeRFlow's convention,
-    as the node pack's wrapper does).
     """
 
-    def __init__(self, model: torch.nn.Module, model_sampling: Any):
-        self.model = model
-        self.model_sampling = model_sampling
+    def __init__(self, eps_fn: EpsFn, model_sampling: Any):
+        self.eps_fn = eps_fn
         self.inner_model = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=model_sampling))
         self.calls = 0
 
@@ -558,19 +566,13 @@ class ComfyDenoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         scale = sigma.view(-1, *([1] * (x.ndim - 1)))
         z = x.double() / (1.0 + scale**2).sqrt()
-        return (x.double() - scale * self._eps(z, sigma)).to(x.dtype)
-
-    def _eps(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, AnalyticDigitsDenoiser):
-            return self.model.eps_prediction(z, 1.0 / (1.0 + sigma**2))
-        timestep = self.model_sampling.timestep(sigma[:1].float()) + 1
-        return self.model(z.float(), timestep).sample.double()
+        return (x.double() - scale * self.eps_fn(z, sigma)).to(x.dtype)
 
 
-def run_comfy_sampler(comfy: ComfyEnvironment, name: str, model: torch.nn.Module, noise: torch.Tensor, nfe: int) -> SamplerRun:
+def run_comfy_sampler(comfy: ComfyEnvironment, name: str, eps_fn: EpsFn, noise: torch.Tensor, nfe: int) -> SamplerRun:
     """A ComfyUI sampler from ``x = noise * sqrt(1 + sigma_max^2)`` (KSAMPLER's full-denoise scaling)."""
     sigmas = comfy.sigmas(name, nfe)
-    denoiser = ComfyDenoiser(model, comfy.model_sampling)
+    denoiser = ComfyDenoiser(eps_fn, comfy.model_sampling)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     final = comfy.sampler(name)(denoiser, x, sigmas.clone(), extra_args={}, callback=None, disable=True)
     last_sigma = float(sigmas[-1])
@@ -579,13 +581,14 @@ def run_comfy_sampler(comfy: ComfyEnvironment, name: str, model: torch.nn.Module
     return SamplerRun(final, endpoint_from_sigma(last_sigma, variance_exploding=True), denoiser.calls)
 
 
-def comfy_rows(comfy: ComfyEnvironment, work: Workload, model: Optional[torch.nn.Module] = None, suffix: str = "", family: str = "comfyui") -> List[Row]:
-    """ComfyUI's samplers on ``model`` (default: the workload's analytic model), measured against its exact ODE."""
+def comfy_rows(comfy: ComfyEnvironment, work: Workload, eps_fn: Optional[EpsFn] = None, suffix: str = "", family: str = "comfyui") -> List[Row]:
+    """ComfyUI's samplers on ``eps_fn`` (default: the workload's analytic model), against the analytic model's exact ODE."""
+    eps_fn = eps_fn or analytic_eps(work.model)
     rows = []
     for name in COMFY_SAMPLERS:
         row = Row(f"ComfyUI {name}{suffix}", family, f"'{comfy.scheduler}' sigmas, steps = NFE")
         for nfe in work.nfes:
-            run = run_comfy_sampler(comfy, name, model or work.model, work.held_out.noise.float(), nfe)
+            run = run_comfy_sampler(comfy, name, eps_fn, work.held_out.noise.float(), nfe)
             row.record(nfe, run, nfe, work.held_out.endpoint, work.model)
         rows.append(row)
     return rows
@@ -611,7 +614,7 @@ def load_student_model(path: Path) -> Tuple[Optional[torch.nn.Module], Optional[
     return model, settings, f"student from {path}"
 
 
-def student_smoothing(path: Path, default: float) -> Tuple[float, str]:
+def teacher_smoothing_or_default(path: Path, default: float) -> Tuple[float, str]:
     """The teacher smoothing recorded in the student file's training metadata, else ``default``."""
     from .reflow import student_smoothing as recorded_smoothing
 
@@ -621,7 +624,7 @@ def student_smoothing(path: Path, default: float) -> Tuple[float, str]:
         return default, "not recorded in the file; assumed (--student-smoothing)"
 
 
-def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, title: str, costs: List[CalibrationCost], comfy: Optional[ComfyEnvironment] = None) -> Tuple[List[Row], List[str]]:
+def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, comfy: Optional[ComfyEnvironment] = None) -> Tuple[List[Row], List[str]]:
     """The student at theta = 0, calibrated per NFE, with its stored theta, and under the diffusers peers,
     all against the exact ODE of its teacher, beside the best peer on the teacher itself."""
     zero_settings = dataclasses.replace(settings, theta=None)
@@ -640,9 +643,10 @@ def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Work
             stored.theta[nfe] = settings.theta.tolist()
             stored.record(nfe, run_perflow(student, settings, noise, nfe), nfe, reference, work.model)
     rows = [zero, calibrated] + ([stored] if not settings.theta_is_zero else [])
-    rows += student_peer_rows(student, settings, work)
+    eps_model = StudentEpsModel(student, settings)
+    rows += diffusers_rows(work, eps_model, STUDENT_PEER_SUFFIX, "student-peer")
     if comfy is not None:
-        rows += comfy_rows(comfy, work, StudentEpsModel(student, settings), STUDENT_PEER_SUFFIX, "student-peer")
+        rows += comfy_rows(comfy, work, network_eps(eps_model, comfy.model_sampling), STUDENT_PEER_SUFFIX, "student-peer")
     rows.append(_best_peer_row(teacher_result, work.nfes))
     notes = [f"student PeRFlow NFE {n} skipped: below its K={settings.segments} segments" for n in work.nfes if n < settings.segments]
     notes.append("peers on the student read its window-end prediction as DDIM eps (StudentEpsModel)")
@@ -656,8 +660,6 @@ def student_window_errors(student: torch.nn.Module, settings: PerflowSettings, w
     plan = StudentPlan.build(dataclasses.replace(settings, theta=None), settings.segments, work.model.alphas_cumprod)
     states, lines = work.held_out.states, []
     for timestep, window in zip(plan.timesteps, plan.windows):
-        if window.alpha_start not in states or window.alpha_end not in states:
-            return [f"window errors skipped: no exact state at window {window.index}'s ends"]
         start = states[window.alpha_start]
         output = student(start.float(), timestep).sample.double()
         end = perflow_step(settings.prediction_type, output, start, window, None, None, 0, timestep).prev_sample
@@ -669,17 +671,6 @@ def student_window_errors(student: torch.nn.Module, settings: PerflowSettings, w
             f"{rmse(final, work.held_out.endpoint):.4f} at sigma 0, {float((per_sample > far).double().mean()):.1%} of samples over {far} RMSE"
         )
     return lines
-
-
-def student_peer_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload) -> List[Row]:
-    """Every diffusers peer run on the student through `StudentEpsModel`."""
-    model, rows = StudentEpsModel(student, settings), []
-    for peer in DIFFUSERS_PEERS:
-        row = Row(f"{peer.name}{STUDENT_PEER_SUFFIX}", "student-peer", f"{peer.class_name}, defaults + trailing; the student as an eps model")
-        for nfe in work.nfes:
-            row.record(nfe, run_diffusers_peer(peer, model, work.held_out.noise.float(), nfe), peer.steps_for(nfe), work.held_out.endpoint, work.model)
-        rows.append(row)
-    return rows
 
 
 def _best_peer_row(teacher_result: ModelResult, nfes: Sequence[int]) -> Row:
@@ -788,7 +779,7 @@ def comfy_overheads(comfy: ComfyEnvironment, model: AnalyticDigitsDenoiser, nois
     """ComfyUI's sample_euler vs our sample_perflow, both on the same ComfyUI-style stand-in model."""
     from .k_sampling import ModelSpace, perflow_sigmas, sample_perflow
 
-    denoiser = ComfyDenoiser(model, comfy.model_sampling)
+    denoiser = ComfyDenoiser(analytic_eps(model), comfy.model_sampling)
     space = ModelSpace.of(comfy.model_sampling)
     results = []
     for nfe in nfes:
@@ -1087,10 +1078,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_workload(smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int]) -> Workload:
-    """The analytic model at ``smoothing`` and the exact ODE paths of the held-out and fit noise."""
+def build_workload(smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], extra_levels: Sequence[float] = ()) -> Workload:
+    """The analytic model at ``smoothing`` and the exact ODE paths of the held-out and fit noise, with states at
+    every PeRFlow window boundary the analytic rows use and at ``extra_levels``."""
     model = AnalyticDigitsDenoiser(smoothing=smoothing)
-    levels = boundary_levels(model.alphas_cumprod, sorted({perflow_segments_for(n) for n in nfes}))
+    levels = boundary_levels(model.alphas_cumprod, sorted({perflow_segments_for(n) for n in nfes})) + list(extra_levels)
     return Workload(model, exact_path(model, noise_for_seeds(held_out), levels), exact_path(model, noise_for_seeds(fit), levels), nfes)
 
 
@@ -1115,19 +1107,34 @@ def endpoint_floor_notes(work: Workload) -> List[str]:
     ]
 
 
+def student_levels(settings: PerflowSettings, nfes: Sequence[int]) -> List[float]:
+    """The signal levels of every window boundary a student's PeRFlow runs and calibrations need."""
+    alphas = alphas_cumprod_for(num_train_timesteps=settings.num_train_timesteps)
+    plans = [StudentPlan.build(settings, nfe, alphas) for nfe in nfes if nfe >= settings.segments]
+    return sorted({level for plan in plans for w in plan.windows for level in (w.alpha_start, w.alpha_end)})
+
+
+def _with_levels(work: Workload, levels: Sequence[float], held_out: Sequence[int], fit: Sequence[int]) -> Workload:
+    """``work``, or the same workload solved again with states at ``levels`` too if it lacks some."""
+    if set(levels) <= set(work.held_out.states):
+        return work
+    return build_workload(work.model.config.smoothing, held_out, fit, work.nfes, levels)
+
+
 def student_section(path: Path, default_smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], workloads: Dict[float, Workload], results: Sequence[ModelResult], comfy: Optional[ComfyEnvironment], costs: List[CalibrationCost]) -> Tuple[Optional[ModelResult], str]:
     """The student's table, or None and the note saying why it was skipped."""
     student, settings, status = load_student_model(path)
     if student is None or settings is None:
         return None, f"student rows skipped: {status}"
-    smoothing, how = student_smoothing(path, default_smoothing)
+    smoothing, how = teacher_smoothing_or_default(path, default_smoothing)
     teacher_result = next((r for r in results if r.smoothing == smoothing), None)
     if teacher_result is None:
         workloads[smoothing] = build_workload(smoothing, held_out, fit, nfes)
         teacher_result = analytic_result(workloads[smoothing], comfy, [])
     title = f"PeRFlow student vs its teacher (analytic, smoothing {smoothing:g})"
-    rows, notes = student_rows(student, settings, workloads[smoothing], teacher_result, title, costs, comfy)
-    notes += student_window_errors(student, settings, workloads[smoothing])
+    work = _with_levels(workloads[smoothing], student_levels(settings, nfes), held_out, fit)
+    rows, notes = student_rows(student, settings, work, teacher_result, comfy)
+    notes += student_window_errors(student, settings, work)
     return ModelResult(title, smoothing, rows, notes + [f"teacher smoothing {how}"]), status
 
 

@@ -17,17 +17,21 @@ from perflow_core.benchmark import (
     Endpoint,
     StudentEpsModel,
     StudentPlan,
+    _with_levels,
     boundary_levels,
+    build_workload,
     diffusers_endpoint,
     exact_ode_teacher,
     exact_path,
     load_comfy,
     main,
     map_to_sigma_zero,
+    network_eps,
     perflow_settings,
     run_comfy_sampler,
     run_diffusers_peer,
     run_perflow,
+    student_levels,
 )
 from perflow_core.calibration import ode_teacher, rmse
 from perflow_core.reflow import load_student
@@ -180,7 +184,16 @@ def test_comfyui_euler_on_the_student_takes_the_same_steps_as_diffusers_ddim(noi
     student, settings = load_student(STUDENT_PATH)
     eps_model = StudentEpsModel(student, settings)
     teacher = AnalyticDigitsDenoiser(smoothing=0.05)
-    comfy_run = run_comfy_sampler(comfy, "euler", eps_model, noise, 4)
+    comfy_run = run_comfy_sampler(comfy, "euler", network_eps(eps_model, comfy.model_sampling), noise, 4)
     ddim_run = run_diffusers_peer(peer("diffusers DDIM"), eps_model, noise, 4)
     comfy_final = map_to_sigma_zero(teacher, comfy_run.final, comfy_run.endpoint)
     assert comfy_run.calls == 4 and rmse(comfy_final, ddim_run.final) < 1e-4
+
+
+def test_a_student_with_other_segments_gets_exact_states_at_all_its_window_ends():
+    settings = PerflowSettings(segments=3, prediction_type="velocity")
+    work = build_workload(0.2, range(10_000, 10_002), range(0, 2), [4, 8])
+    levels = student_levels(settings, [4, 8])
+    assert not set(levels) <= set(work.held_out.states)
+    extended = _with_levels(work, levels, range(10_000, 10_002), range(0, 2))
+    assert set(levels) <= set(extended.held_out.states) and set(levels) <= set(extended.fit.states)
