@@ -15,9 +15,8 @@ from ..perflow_core.calibration import calibrate_theta
 from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint
 from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
-from .glue import PerflowChoice, with_perflow_timesteps
-from .sampling_nodes import SETTINGS_TOOLTIP, choice_or_default
-from .settings_node import Perflow
+from .glue import PerflowChoice, choice_or_default, with_perflow_timesteps
+from .settings_node import Perflow, optional_perflow_input
 
 THETA_FOLDER = "perflow_theta"
 folder_paths.add_model_folder_path(THETA_FOLDER, os.path.join(folder_paths.models_dir, THETA_FOLDER))
@@ -31,14 +30,8 @@ def seeded_noise(shape, seeds) -> torch.Tensor:
 
 def comfy_model_fn(model, extra_args, space: ModelSpace):
     """model_fn(z, timestep) -> raw output, through ComfyUI's wrapped model (CFG and patches applied)."""
-    extra_args = with_perflow_timesteps(extra_args) if space.kind != "flow" else extra_args
-
-    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        sigma = space.sigma_of(timestep)
-        x = space.from_path(z, sigma)
-        return space.raw_output(x, sigma, model(x, sigma * x.new_ones([x.shape[0]]), **extra_args))
-
-    return model_fn
+    extra_args = with_perflow_timesteps(extra_args, space)
+    return lambda z, timestep: space.call(model, z, timestep, extra_args)[1]
 
 
 def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoice, steps, teacher_multiplier, samples, holdout, seed):
@@ -107,7 +100,7 @@ class PerflowCalibrateNode(io.ComfyNode):
                     control_after_generate=False,
                     tooltip="First fit seed; held-out seeds start 1,000,000 later. Fixed, so a re-run gives the same theta.",
                 ),
-                Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP),
+                optional_perflow_input(),
             ],
             outputs=[
                 Perflow.Output(display_name="perflow", tooltip="The settings with the learned theta."),

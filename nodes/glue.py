@@ -35,6 +35,11 @@ def default_choice() -> PerflowChoice:
     return PerflowChoice(PerflowSettings(), auto_prediction_type=True)
 
 
+def choice_or_default(choice: Optional[PerflowChoice]) -> PerflowChoice:
+    """A PERFLOW input that may be unconnected: the default choice when it is."""
+    return choice if choice is not None else default_choice()
+
+
 def default_prediction_type(base_model: Any) -> str:
     """The released PeRFlow models' parameterisation for a model family: SDXL ddim_eps, SD2.x-v and flow
     models velocity, other eps models (SD1.x) diff_eps."""
@@ -49,9 +54,12 @@ def _shift_timesteps(executor, x, timesteps, *args, **kwargs):
     return executor(x, timesteps + 1, *args, **kwargs)
 
 
-def with_perflow_timesteps(extra_args: Optional[dict]) -> dict:
-    """A copy of extra_args whose model_options make the diffusion model see PeRFlow's timesteps."""
+def with_perflow_timesteps(extra_args: Optional[dict], space: ModelSpace) -> dict:
+    """A copy of extra_args whose model_options make the diffusion model see PeRFlow's timesteps (a flow
+    model's timestep already is PeRFlow's t * T, so it is left as it is)."""
     extra_args = dict(extra_args or {})
+    if space.kind == "flow":
+        return extra_args
     model_options = comfy.patcher_extension.copy_nested_dicts(extra_args.get("model_options", {}))
     comfy.patcher_extension.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, TIMESTEP_WRAPPER_KEY, _shift_timesteps, model_options, is_model_options=True
@@ -64,9 +72,8 @@ def sample_perflow_comfy(model, x, sigmas, extra_args=None, callback=None, disab
     """KSAMPLER function: PeRFlow with the original's timesteps on any ComfyUI guider."""
     base_model = model.inner_model.inner_model
     space = ModelSpace.of(model_sampling_of(model))
-    settings = (choice or default_choice()).resolved_for(base_model)
-    if space.kind != "flow":
-        extra_args = with_perflow_timesteps(extra_args)
+    settings = choice_or_default(choice).resolved_for(base_model)
+    extra_args = with_perflow_timesteps(extra_args, space)
     return sample_perflow(model, x, sigmas, extra_args, callback, disable, settings=settings, space=space)
 
 

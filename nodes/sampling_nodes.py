@@ -9,15 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..perflow_core.k_sampling import ModelSpace, perflow_sigmas
-from .glue import PerflowChoice, default_choice, perflow_ksampler
-from .settings_node import Perflow
-
-SETTINGS_TOOLTIP = "PeRFlow settings (PeRFlow Settings or the PeRFlow checkpoint loader). Not connected: the original PeRFlow (K = 4, theta = 0, auto)."
-
-
-def choice_or_default(perflow: PerflowChoice | None) -> PerflowChoice:
-    return perflow if perflow is not None else default_choice()
-
+from .glue import PerflowChoice, choice_or_default, perflow_ksampler
+from .settings_node import optional_perflow_input
 
 def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None):
     try:
@@ -47,7 +40,7 @@ class PerflowSchedulerNode(io.ComfyNode):
                     step=0.01,
                     tooltip="Below 1 for img2img: the last `steps` of a grid of steps/denoise steps, as ComfyUI's schedulers do.",
                 ),
-                Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP),
+                optional_perflow_input(),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -68,7 +61,7 @@ class PerflowSamplerNode(io.ComfyNode):
             category="sampling/custom_sampling/samplers",
             description="PeRFlow's piecewise linear Euler sampler with theta, for SamplerCustom / SamplerCustomAdvanced "
             "and any guider. Use it with the PeRFlow Scheduler's sigmas.",
-            inputs=[Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP)],
+            inputs=[optional_perflow_input()],
             outputs=[io.Sampler.Output()],
         )
 
@@ -94,7 +87,7 @@ class PerflowKSamplerNode(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="What the image should not show."),
                 io.Latent.Input("latent_image", tooltip="The latent to start from (empty for txt2img)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Below 1 for img2img."),
-                Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP),
+                optional_perflow_input(),
             ],
             outputs=[io.Latent.Output()],
         )

@@ -10,7 +10,13 @@ from ..perflow_core.theta import parse_theta_text
 from .glue import PerflowChoice
 
 Perflow = io.Custom("PERFLOW")
+SETTINGS_TOOLTIP = "PeRFlow settings (PeRFlow Settings or the PeRFlow checkpoint loader). Not connected: the original PeRFlow (K = 4, theta = 0, auto)."
 PARAMETERISATIONS = ["auto", "diff_eps", "ddim_eps", "velocity"]
+
+
+def optional_perflow_input():
+    """The optional ``perflow`` input of the sampling nodes (unconnected: the default choice)."""
+    return Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP)
 
 
 def parse_boundaries_text(text: str) -> list[float] | None:

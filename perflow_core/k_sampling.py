@@ -95,6 +95,13 @@ class ModelSpace:
     def from_path(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
         return z if self.kind == "flow" else z * math.sqrt(1 + sigma**2)
 
+    def call(self, model: Callable[..., torch.Tensor], z: torch.Tensor, timestep: float, extra_args: Dict[str, Any]):
+        """ComfyUI's wrapped ``model`` at PeRFlow's ``(z, timestep)``: ``(denoised, raw network output)``."""
+        sigma = self.sigma_of(timestep)
+        x = self.from_path(z, sigma)
+        denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+        return denoised, self.raw_output(x, sigma, denoised)
+
     def raw_output(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
         """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
         if self.kind == "v":
@@ -171,14 +178,10 @@ def sample_perflow(
     full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
     z = start_on_path(model, x, space, windows[0], full_denoise)
     theta_rows = theta_rows_like(settings.theta, x)
-    ones = x.new_ones([x.shape[0]])
     previous_output = None
     for i in trange(len(windows), disable=disable):
         window = windows[i]
-        sigma = space.sigma_of(timesteps[i])
-        x_in = space.from_path(z, sigma)
-        denoised = model(x_in, sigma * ones, **extra_args)
-        output = space.raw_output(x_in, sigma, denoised)
+        denoised, output = space.call(model, z, timesteps[i], extra_args)
         result = perflow_step(settings.prediction_type, output, z, window, theta_rows[window.index], previous_output, i, timesteps[i])
         previous_output, z = output, result.prev_sample
         if callback is not None:

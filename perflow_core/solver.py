@@ -22,13 +22,19 @@ class StepResult:
         prev_sample: the sample at ``t_next``.
         velocity: the velocity of the straight path (before theta).
         window_end: the predicted end of the current window.
-        pred_original_sample: an x0 estimate for previews (see ``clean_estimate``).
+        sample, window: the step's input and place, from which `pred_original_sample` is computed on demand.
     """
 
     prev_sample: torch.Tensor
     velocity: torch.Tensor
     window_end: torch.Tensor
-    pred_original_sample: torch.Tensor
+    sample: torch.Tensor
+    window: Window
+
+    @property
+    def pred_original_sample(self) -> torch.Tensor:
+        """An x0 estimate for previews (see ``clean_estimate``); only samplers that show it pay for it."""
+        return clean_estimate(self.sample, self.velocity, self.window)
 
 
 def theta_features(
@@ -99,4 +105,4 @@ def perflow_step(
                 window.index,
             )
             prev_sample = base
-    return StepResult(prev_sample, velocity, window_end, clean_estimate(sample, velocity, window))
+    return StepResult(prev_sample, velocity, window_end, sample, window)
