@@ -543,6 +543,7 @@ def network_eps(model: torch.nn.Module, model_sampling: Any) -> EpsFn:
     """An eps network called at ComfyUI's timestep for the sigma (the nearest training index) plus one,
     PeRFlow's convention, as the node pack's wrapper calls PeRFlow models."""
 
+    @torch.no_grad()
     def eps(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         timestep = model_sampling.timestep(sigma[:1].float()) + 1
         return model(z.float(), timestep).sample.double()
