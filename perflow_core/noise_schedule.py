@@ -11,9 +11,19 @@ from typing import Sequence, Union, overload
 
 import numpy as np
 import torch
-from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The Glide cosine schedule (``squaredcos_cap_v2``), computed as diffusers' ``betas_for_alpha_bar``."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    steps = range(num_train_timesteps)
+    betas = [min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta) for i in steps]
+    return torch.tensor(betas, dtype=torch.float32)
 
 
 def _betas_for(
@@ -36,7 +46,7 @@ def _betas_for(
     if beta_schedule == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        return betas_for_alpha_bar(num_train_timesteps)
+        return cosine_betas(num_train_timesteps)
     raise ValueError(
         f"Unknown `beta_schedule`={beta_schedule!r}; accepted values are {', '.join(SUPPORTED_BETA_SCHEDULES)} "
         "(or pass `trained_betas`)."

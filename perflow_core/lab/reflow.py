@@ -34,13 +34,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from .calibration import rmse
-from .checkpoint import PERFLOW_PREFIXES, read_perflow_settings, write_perflow_checkpoint
-from .noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
-from .parameterization import canonical_prediction_type, window_start_coefficients
+from ..calibration import rmse
+from ..checkpoint import PERFLOW_PREFIXES, read_perflow_settings, write_perflow_checkpoint
+from ..noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
+from ..parameterization import canonical_prediction_type, window_start_coefficients
 from .pipeline import UnconditionalPipeline
-from .segments import BOUNDARY_TOLERANCE, Segments, Window
-from .settings import PerflowSettings
+from ..segments import BOUNDARY_TOLERANCE, Segments, Window
+from ..settings import PerflowSettings
 
 DataSource = Callable[[int, torch.Generator], torch.Tensor]
 Teacher = Callable[[torch.Tensor, Window], torch.Tensor]
@@ -712,7 +712,7 @@ def sample_perflow(
     model: nn.Module, settings: PerflowSettings, noise: torch.Tensor, num_inference_steps: int = 4
 ) -> torch.Tensor:
     """PeRFlow samples of ``model`` from ``noise`` (float32, data space, at ``alphas_cumprod[0]``)."""
-    from .scheduler import PerflowScheduler
+    from ..scheduler import PerflowScheduler
 
     scheduler = PerflowScheduler(**settings.scheduler_kwargs())
     pipeline = UnconditionalPipeline(unet=model, scheduler=scheduler)

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from comfyui_server import (
+from support.server import (
     ARTIFACTS,
     PACK_NAME,
     PERFLOW_DISPLAY_NAMES,

@@ -3,7 +3,7 @@ at the same number of steps, both measured against the teacher's exact probabili
 
 Everything is compared at one endpoint, sigma = 0: a sampler that stops short of it (PeRFlow stops at
 ``alphas_cumprod[0]``, DDIM and DEIS too) is carried there by the teacher's exact flow map (see
-`perflow_core.benchmark.map_to_sigma_zero`).
+`perflow_core.lab.benchmark.map_to_sigma_zero`).
 """
 
 from __future__ import annotations

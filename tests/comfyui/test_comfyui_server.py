@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from comfyui_server import (
+from support.server import (
     API_WORKFLOWS,
     ARTIFACTS,
     CHECKPOINT_NAME,

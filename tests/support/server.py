@@ -35,10 +35,10 @@ from typing import Any, Optional
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 EXAMPLE_WORKFLOWS = REPO_ROOT / "example_workflows"
-API_WORKFLOWS = Path(__file__).resolve().parent / "workflows_api"
+API_WORKFLOWS = REPO_ROOT / "tests" / "comfyui" / "workflows_api"
 PACK_NAME = "comfyui-perflow"
 
 CHECKPOINT_NAME = "perflow_tiny_sd15.safetensors"
@@ -47,7 +47,7 @@ THETA_NAME = "perflow_tiny_theta.safetensors"
 THETA_FOLDER = "models/perflow_theta"
 INPUT_IMAGE_NAME = "perflow_example_input.png"
 
-# The example workflows: UI format in example_workflows/<name>.json, API format in tests/workflows_api/<name>_api.json.
+# The example workflows: UI format in example_workflows/<name>.json, API format in tests/comfyui/workflows_api/<name>_api.json.
 WORKFLOW_NAMES = ["perflow_txt2img", "perflow_sd15_delta", "perflow_img2img", "perflow_ksampler_settings"]
 PERFLOW_NODE_IDS = [
     "PerflowSettings",
@@ -76,10 +76,10 @@ PERFLOW_DISPLAY_NAMES = [
 SERVER_START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = float(os.environ.get("PERFLOW_COMFY_PROMPT_TIMEOUT", "600"))
 
-try:  # tests/comfyui_support.py: where ComfyUI is and the tiny checkpoint builder
-    from comfyui_support import COMFYUI_PATH, build_tiny_sd15_checkpoint, requires_comfyui
+try:  # tests/support/comfyui.py: where ComfyUI is and the tiny checkpoint builder
+    from .comfyui import COMFYUI_PATH, build_tiny_sd15_checkpoint, requires_comfyui
 except ImportError as _error:  # pragma: no cover - the support module is missing or broken
-    _SUPPORT_ERROR: Optional[str] = f"tests/comfyui_support.py could not be imported: {_error}"
+    _SUPPORT_ERROR: Optional[str] = f"tests/support/comfyui.py could not be imported: {_error}"
     COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or None
     build_tiny_sd15_checkpoint = None  # type: ignore[assignment]
     requires_comfyui = pytest.mark.skipif(True, reason=_SUPPORT_ERROR)

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfyui_support import (  # noqa: F401  (fixtures are used by name)
+from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     PACK_NAME,
     build_tiny_sd15_checkpoint,
     comfy,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from perflow_core.cli import main
+from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
+from perflow_core.lab.cli import main
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.parameterization import velocity_and_window_end
-from perflow_core.reflow import (
+from perflow_core.lab.reflow import (
     VALIDATION_SEEDS,
     DDIMTeacher,
     PiecewiseReflowTrainer,
@@ -35,7 +35,7 @@ from perflow_core.scheduler import PerflowScheduler
 from perflow_core.settings import PerflowSettings
 from perflow_core.segments import Segments, Window
 
-SHIPPED_STUDENT = Path(__file__).resolve().parents[1] / "perflow_core" / "data" / "perflow_student_digits.safetensors"
+SHIPPED_STUDENT = Path(__file__).resolve().parents[2] / "perflow_core" / "lab" / "data" / "perflow_student_digits.safetensors"
 ALPHAS = alphas_cumprod_for()
 WINDOWS = training_windows(Segments.uniform(4), ALPHAS)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds
+from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds
 from perflow_core.calibration import StudentPlan, calibrate_theta, fit_theta, perflow_teacher, run_student
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.settings import PerflowSettings

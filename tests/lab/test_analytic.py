@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 
-from perflow_core.analytic import (
+from perflow_core.lab.analytic import (
     DEFAULT_SMOOTHING,
     AnalyticDigitsDenoiser,
     default_ode_steps,

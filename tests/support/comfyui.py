@@ -47,7 +47,7 @@ requires_comfyui = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set: real-ComfyUI tests skipped (point it at a ComfyUI checkout)"
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "comfyui_perflow_pack"
 
 # ----------------------------------------------------------------------------- checkpoint layout

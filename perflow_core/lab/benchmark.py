@@ -24,7 +24,7 @@ The analytic model reads timestep ``tau`` at ``alphas_cumprod[tau - 1]`` (PeRFlo
 schedulers mean ``alphas_cumprod[t]``, so they see the model through ``CountingModel(timestep_offset=1)``.
 ComfyUI's samplers see it as ``model(x, sigma) -> denoised``, evaluated at the exact sigma.
 
-Run ``python -m perflow_core.benchmark`` (``--quick`` for a smoke test). It prints one table per model,
+Run ``python -m perflow_core.lab.benchmark`` (``--quick`` for a smoke test). It prints one table per model,
 the required ratios, the sampler overhead and the calibration cost, and writes ``benchmark.json`` and
 ``benchmark.png`` to ``--output-dir``. ComfyUI's samplers join when ``COMFYUI_PATH`` points at a ComfyUI
 checkout that imports; the trained student joins when its file exists.
@@ -49,13 +49,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from .calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, diffusers_model_fn, rmse, window_line_point
-from .noise_schedule import alphas_cumprod_for
-from .parameterization import clean_estimate, velocity_and_window_end
+from ..calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, diffusers_model_fn, rmse, window_line_point
+from ..noise_schedule import alphas_cumprod_for
+from ..parameterization import clean_estimate, velocity_and_window_end
 from .pipeline import UnconditionalPipeline
-from .scheduler import PerflowScheduler
-from .settings import PerflowSettings
-from .solver import perflow_step
+from ..scheduler import PerflowScheduler
+from ..settings import PerflowSettings
+from ..solver import perflow_step
 
 NFES = (2, 4, 6, 8, 16)
 QUICK_NFES = (2, 4, 8)
@@ -610,7 +610,7 @@ def load_student_model(path: Path) -> Tuple[Optional[torch.nn.Module], Optional[
     try:
         from .reflow import load_student
     except ImportError as error:
-        return None, None, f"perflow_core.reflow.load_student unavailable ({error})"
+        return None, None, f"perflow_core.lab.reflow.load_student unavailable ({error})"
     model, settings = load_student(path)
     return model, settings, f"student from {path}"
 
@@ -778,7 +778,7 @@ def tiny_unet() -> torch.nn.Module:
 
 def comfy_overheads(comfy: ComfyEnvironment, model: AnalyticDigitsDenoiser, noise: torch.Tensor, nfes: Sequence[int], repeats: int) -> List[Overhead]:
     """ComfyUI's sample_euler vs our sample_perflow, both on the same ComfyUI-style stand-in model."""
-    from .k_sampling import ModelSpace, perflow_sigmas, sample_perflow
+    from ..k_sampling import ModelSpace, perflow_sigmas, sample_perflow
 
     denoiser = ComfyDenoiser(analytic_eps(model), comfy.model_sampling)
     space = ModelSpace.of(comfy.model_sampling)
@@ -1021,7 +1021,7 @@ def parse_seeds(text: str, first: int) -> List[int]:
     return seeds
 
 
-def build_parser(prog: str = "python -m perflow_core.benchmark") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m perflow_core.lab.benchmark") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Error vs NFE of PeRFlow and its peers on the analytic digits model.")
     parser.add_argument("--quick", action="store_true", help=f"smoke test: NFE {QUICK_NFES}, {QUICK_HELD_OUT_COUNT} held-out / {QUICK_FIT_COUNT} fit seeds, few timing repeats")
     parser.add_argument("--output-dir", default="outputs/benchmark", help="where benchmark.json and benchmark.png go")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from perflow_core.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
-from perflow_core.benchmark import (
+from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
+from perflow_core.lab.benchmark import (
     DIFFUSERS_PEERS,
     QUICK_NFES,
     STUDENT_PATH,
@@ -34,7 +34,7 @@ from perflow_core.benchmark import (
     student_levels,
 )
 from perflow_core.calibration import ode_teacher, rmse
-from perflow_core.reflow import load_student
+from perflow_core.lab.reflow import load_student
 from perflow_core.settings import PerflowSettings
 
 

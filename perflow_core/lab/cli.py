@@ -64,9 +64,9 @@ def analytic_model_fn(smoothing: float):
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Fit theta for the analytic model or a trained student; write a theta file (and optionally a checkpoint copy)."""
-    from .calibration import calibrate_theta, ode_teacher, StudentPlan
-    from .checkpoint import save_theta_file, write_perflow_checkpoint
-    from .noise_schedule import alphas_cumprod_for
+    from ..calibration import calibrate_theta, ode_teacher, StudentPlan
+    from ..checkpoint import save_theta_file, write_perflow_checkpoint
+    from ..noise_schedule import alphas_cumprod_for
 
     if args.samples < 1 or args.holdout < 1:
         raise ValueError("--samples and --holdout must be at least 1")
@@ -116,7 +116,7 @@ CALIBRATION_RECORD = ("teacher", "steps", "samples", "holdout", "seed", "teacher
 
 def _calibration_model(args: argparse.Namespace):
     """``(model_fn, settings, smoothing of the analytic model, description)`` for ``perflow calibrate``."""
-    from .settings import PerflowSettings
+    from ..settings import PerflowSettings
 
     if not args.student:
         smoothing = DEFAULT_SMOOTHING if args.smoothing is None else args.smoothing
@@ -137,7 +137,7 @@ def _calibration_model(args: argparse.Namespace):
 
 def run_write_theta(args: argparse.Namespace) -> int:
     """Copy a checkpoint with the PeRFlow settings of a theta file added."""
-    from .checkpoint import read_perflow_settings, write_perflow_checkpoint
+    from ..checkpoint import read_perflow_settings, write_perflow_checkpoint
 
     write_perflow_checkpoint(args.checkpoint, args.output, read_perflow_settings(args.theta))
     print(f"wrote {args.output}")
@@ -173,7 +173,7 @@ def add_theta_commands(commands) -> None:
     write.add_argument("--checkpoint", required=True, help="the single-file checkpoint to copy")
     write.add_argument("--output", required=True, help="the new file")
     write.set_defaults(run=run_write_theta)
-    # `perflow bench ...` hands its arguments to perflow_core.benchmark (see main); listed here for --help.
+    # `perflow bench ...` hands its arguments to perflow_core.lab.benchmark (see main); listed here for --help.
     commands.add_parser("bench", help="benchmark PeRFlow against diffusers (and ComfyUI) samplers; see perflow bench --help")
 
 
@@ -197,7 +197,7 @@ def run_train_student(args: argparse.Namespace) -> int:
         student_training,
         train_digits_student,
     )
-    from .settings import PerflowSettings
+    from ..settings import PerflowSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="outputs/perflow_demo.png", help="PNG grid to write")
     demo.set_defaults(run=run_demo)
     train = commands.add_parser("train-student", help="train a PeRFlow student of the analytic digits model (reflow)")
-    train.add_argument("--output", default="perflow_core/data/perflow_student_digits.safetensors", help="file to write")
+    train.add_argument("--output", default="perflow_core/lab/data/perflow_student_digits.safetensors", help="file to write")
     train.add_argument("--steps", type=int, default=6000, help="optimiser steps (default 6000)")
     train.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
     train.add_argument("--segments", type=int, default=4, help="segments K (default 4)")

@@ -1,4 +1,4 @@
-from perflow_core.cli import main
+from perflow_core.lab.cli import main
 
 
 from PIL import Image
@@ -29,8 +29,8 @@ def test_demo_with_fewer_steps_than_segments_names_the_input(tmp_path, capsys):
 
 
 def test_calibrate_a_student_against_its_teachers_exact_ode_into_a_copy_of_its_file(tmp_path, capsys):
-    from perflow_core.benchmark import STUDENT_PATH
-    from perflow_core.reflow import load_student
+    from perflow_core.lab.benchmark import STUDENT_PATH
+    from perflow_core.lab.reflow import load_student
 
     copy = tmp_path / "student.safetensors"
     arguments = ["--student", str(STUDENT_PATH), "--teacher", "exact", "--samples", "8", "--holdout", "4"]

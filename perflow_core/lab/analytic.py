@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from .noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
+from ..noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
 
 DEFAULT_SMOOTHING = 0.05
 # RK4 steps per unit of log(sigma): ~2e-7 RMSE (256 samples) over SD 1.5's full range, which spans 6.2 units.
