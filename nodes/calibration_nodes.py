@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import comfy.samplers
 import folder_paths
@@ -113,7 +112,7 @@ class PerflowCalibrateNode(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, cfg, steps, teacher_multiplier, samples, holdout_samples, seed, perflow=None) -> io.NodeOutput:
         choice = choice_or_default(perflow)
         settings, report = run_calibration(model, positive, negative, cfg, latent_image, choice, steps, teacher_multiplier, samples, holdout_samples, seed)
-        learned = PerflowChoice(replace(settings, theta=report.theta), auto_prediction_type=False)
+        learned = PerflowChoice(settings.replace(theta=report.theta), auto_prediction_type=False)
         text = f"{report.summary()}\ntheta (gain, window-end scale, output change) per segment:\n" + "\n".join(
             ", ".join(f"{v:.4f}" for v in row) for row in report.theta.tolist()
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import comfy.patcher_extension
@@ -27,7 +27,7 @@ class PerflowChoice:
     def resolved_for(self, base_model: Any) -> PerflowSettings:
         if not self.auto_prediction_type:
             return self.settings
-        return replace(self.settings, theta=self.settings.theta.clone(), prediction_type=default_prediction_type(base_model))
+        return self.settings.replace(prediction_type=default_prediction_type(base_model))
 
 
 def default_choice() -> PerflowChoice:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..perflow_core.segments import validate_boundaries
 from ..perflow_core.settings import PerflowSettings
-from ..perflow_core.theta import parse_theta_text
 from .glue import PerflowChoice
 
 Perflow = io.Custom("PERFLOW")
@@ -19,35 +17,22 @@ def optional_perflow_input():
     return Perflow.Input("perflow", optional=True, tooltip=SETTINGS_TOOLTIP)
 
 
-def parse_boundaries_text(text: str) -> list[float] | None:
-    values = text.replace(";", ",").replace(",", " ").split()
-    if not values:
-        return None
-    try:
-        return validate_boundaries([float(v) for v in values])
-    except ValueError as error:
-        raise ValueError(f"boundaries: {error}") from None
+# The node's inputs, by the setting each one gives: errors name the input.
+INPUT_NAMES = {"segments": "segments", "segment_boundaries": "boundaries", "theta": "theta", "prediction_type": "parameterisation"}
 
 
 def build_choice(parameterisation: str, segments: int, boundaries: str = "", theta: str = "") -> PerflowChoice:
-    """Validate the widgets' values; every error names the input it comes from."""
+    """Validate the widgets' values (PerflowSettings does every check; errors name the input)."""
     if parameterisation not in PARAMETERISATIONS:
         raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}; got {parameterisation!r}")
-    parsed_boundaries = parse_boundaries_text(boundaries)
-    count = segments if parsed_boundaries is None else len(parsed_boundaries) - 1
-    if parsed_boundaries is not None and count != segments:
-        raise ValueError(f"segments is {segments} but boundaries {boundaries!r} make {count} segments; make them agree")
-    try:
-        parsed_theta = parse_theta_text(theta, count)
-    except ValueError as error:
-        raise ValueError(f"theta: {error}") from None
-    settings = PerflowSettings(
-        segments=count,
-        segment_boundaries=parsed_boundaries,
-        theta=parsed_theta,
-        prediction_type="diff_eps" if parameterisation == "auto" else parameterisation,
-    )
-    return PerflowChoice(settings, auto_prediction_type=parameterisation == "auto")
+    auto = parameterisation == "auto"
+    values = {
+        "segments": segments,
+        "segment_boundaries": boundaries if boundaries.strip() else None,
+        "theta": theta,
+        "prediction_type": "diff_eps" if auto else parameterisation,
+    }
+    return PerflowChoice(PerflowSettings.from_entries(values, names=INPUT_NAMES), auto_prediction_type=auto)
 
 
 class PerflowSettingsNode(io.ComfyNode):

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .sampling import ModelFn, SamplingPlan, StepRecord, run_plan
 from .segments import Window
 from .settings import PerflowSettings
-from .solver import perflow_step, theta_features
+from .solver import theta_features
 from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
 
-# model_fn(z, timestep) -> raw network output, in PeRFlow's space (z as the original scheduler feeds it).
-ModelFn = Callable[[torch.Tensor, float], torch.Tensor]
 # teacher(noise) -> the teacher's states at every student step end, [steps] tensors like noise.
 Teacher = Callable[[torch.Tensor], List[torch.Tensor]]
 
@@ -32,27 +31,6 @@ DEFAULT_RIDGE = 1e-8
 # A segment with several steps is refitted until its theta row moves less than this, at most `refits` times.
 REFIT_TOLERANCE = 1e-3
 DEFAULT_REFITS = 10
-
-
-@dataclass
-class StudentPlan:
-    """The K-step sampler being calibrated: its timesteps and windows."""
-
-    settings: PerflowSettings
-    timesteps: List[float]
-    alphas_cumprod: torch.Tensor
-
-    def __post_init__(self) -> None:
-        segments = self.settings.build_segments()
-        ends = self.timesteps[1:] + [0.0]
-        self.windows: List[Window] = [segments.window(t, t_next, self.alphas_cumprod) for t, t_next in zip(self.timesteps, ends)]
-
-    @classmethod
-    def build(cls, settings: PerflowSettings, steps: int, alphas_cumprod: torch.Tensor) -> "StudentPlan":
-        """The original's grid for ``steps`` calls (at least one per segment)."""
-        segments = settings.build_segments()
-        grid = [float(t) for t in segments.timesteps(max(steps, len(segments)))]
-        return cls(settings, grid, alphas_cumprod)
 
 
 @dataclass
@@ -92,19 +70,14 @@ class CalibrationReport:
 
 
 @torch.no_grad()
-def run_student(model_fn: ModelFn, plan: StudentPlan, noise: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-    """The sampler's states after every step (theta = 0 when not given)."""
-    theta = plan.settings.theta if theta is None else theta
-    z, previous, states = noise, None, []
-    for i, window in enumerate(plan.windows):
-        output = model_fn(z, plan.timesteps[i])
-        z = perflow_step(plan.settings.prediction_type, output, z, window, theta[window.index].to(z), previous, i, plan.timesteps[i]).prev_sample
-        previous = output
-        states.append(z)
+def run_student(model_fn: ModelFn, plan: SamplingPlan, noise: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """The sampler's states after every step (the plan's theta when not given)."""
+    states: List[torch.Tensor] = []
+    run_plan(model_fn, plan, noise, theta, on_step=lambda record: states.append(record.result.prev_sample))
     return states
 
 
-def perflow_teacher(model_fn: ModelFn, plan: StudentPlan, multiplier: int = 8) -> Teacher:
+def perflow_teacher(model_fn: ModelFn, plan: SamplingPlan, multiplier: int = 8) -> Teacher:
     """The PeRFlow flow of the same model (theta = 0) with ``multiplier`` times the steps.
 
     Each student step is cut into ``multiplier`` equal steps (integer timesteps), so the teacher passes
@@ -112,13 +85,13 @@ def perflow_teacher(model_fn: ModelFn, plan: StudentPlan, multiplier: int = 8) -
     """
     if multiplier < 1:
         raise ValueError(f"teacher multiplier must be >= 1; got {multiplier}")
-    ends = plan.timesteps[1:] + [0.0]
+    ends = list(plan.timesteps[1:]) + [0.0]
     fine: List[float] = []
     marks: List[int] = []
     for start, end in zip(plan.timesteps, ends):
         fine += _subdivide(start, end, multiplier)
         marks.append(len(fine) - 1)
-    teacher_plan = StudentPlan(plan.settings, fine, plan.alphas_cumprod)
+    teacher_plan = SamplingPlan.for_timesteps(plan.settings, fine, plan.alphas_cumprod)
     zero = torch.zeros_like(plan.settings.theta)
 
     def teacher(noise: torch.Tensor) -> List[torch.Tensor]:
@@ -129,7 +102,7 @@ def perflow_teacher(model_fn: ModelFn, plan: StudentPlan, multiplier: int = 8) -
     return teacher
 
 
-def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], plan: StudentPlan) -> Teacher:
+def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], plan: SamplingPlan) -> Teacher:
     """Targets from an exact (or any trusted) ODE solver ``solve(z, alpha_from, alpha_to)`` of another model.
 
     At a step that ends a window the target is the ODE's state at the window end; inside a window it is the
@@ -165,59 +138,53 @@ def _subdivide(start: float, end: float, parts: int) -> List[float]:
 @torch.no_grad()
 def fit_theta(
     model_fn: ModelFn,
-    plan: StudentPlan,
+    plan: SamplingPlan,
     noise: torch.Tensor,
     targets: Sequence[torch.Tensor],
     refits: int = DEFAULT_REFITS,
     ridge: float = DEFAULT_RIDGE,
 ) -> torch.Tensor:
     """Per-segment least squares of theta so the sampler's states match ``targets`` (one per step)."""
-    theta = torch.zeros(len(plan.settings.build_segments()), NUM_THETA_COLUMNS, dtype=torch.float64)
+    theta = torch.zeros(plan.settings.segments, NUM_THETA_COLUMNS, dtype=torch.float64)
     z_segment, previous_segment = noise, None
     for k in sorted({w.index for w in plan.windows}):
-        steps = [i for i, w in enumerate(plan.windows) if w.index == k]
+        steps = plan.steps_in_segment(k)
         for _ in range(refits if len(steps) > 1 else 1):
             normal, rhs = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-            z, previous = z_segment, previous_segment
-            for i in steps:
-                z, previous, features, residual = _step_with_features(model_fn, plan, i, z, previous, theta[k], targets[i])
+
+            def collect(record: StepRecord) -> None:
+                nonlocal normal, rhs
+                features, residual = _least_squares_terms(plan, record, targets[record.index])
                 normal += features.T @ features
                 rhs += features.T @ residual
+
+            run_plan(model_fn, plan, z_segment, theta, steps, previous_segment, on_step=collect)
             update = _solve_ridge(normal, rhs, ridge)
             converged = bool((update - theta[k]).abs().max() < REFIT_TOLERANCE)
             theta[k] = update
             if converged:
                 break
-        theta[k] = _better_than_zero(model_fn, plan, steps, z_segment, previous_segment, theta[k], targets[steps[-1]])
-        z_segment, previous_segment = _advance(model_fn, plan, steps, z_segment, previous_segment, theta[k])
+        theta[k] = _better_than_zero(model_fn, plan, steps, z_segment, previous_segment, theta, k, targets[steps[-1]])
+        z_segment, previous_segment = run_plan(model_fn, plan, z_segment, theta, steps, previous_segment)
     return theta
 
 
-def _better_than_zero(model_fn: ModelFn, plan: StudentPlan, steps: List[int], z, previous, theta_row: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Keep a segment's fitted row only if it lowers the fit seeds' error at the segment's end."""
-    fitted = rmse(_advance(model_fn, plan, steps, z, previous, theta_row)[0], target)
-    plain = rmse(_advance(model_fn, plan, steps, z, previous, torch.zeros_like(theta_row))[0], target)
-    return theta_row if fitted <= plain else torch.zeros_like(theta_row)
+def _better_than_zero(model_fn: ModelFn, plan: SamplingPlan, steps: List[int], z, previous, theta: torch.Tensor, k: int, target: torch.Tensor) -> torch.Tensor:
+    """Keep segment k's fitted row only if it lowers the fit seeds' error at the segment's end."""
+    without = theta.clone()
+    without[k] = 0
+    fitted = rmse(run_plan(model_fn, plan, z, theta, steps, previous)[0], target)
+    plain = rmse(run_plan(model_fn, plan, z, without, steps, previous)[0], target)
+    return theta[k] if fitted <= plain else without[k]
 
 
-def _advance(model_fn: ModelFn, plan: StudentPlan, steps: List[int], z: torch.Tensor, previous: Optional[torch.Tensor], theta_row: torch.Tensor):
-    """Run a segment's steps with its fitted theta row: the next segment starts from these states."""
-    for i in steps:
-        output = model_fn(z, plan.timesteps[i])
-        z = perflow_step(plan.settings.prediction_type, output, z, plan.windows[i], theta_row.to(z), previous, i, plan.timesteps[i]).prev_sample
-        previous = output
-    return z, previous
-
-
-def _step_with_features(model_fn: ModelFn, plan: StudentPlan, i: int, z: torch.Tensor, previous: Optional[torch.Tensor], theta_row: torch.Tensor, target: torch.Tensor):
-    window = plan.windows[i]
-    output = model_fn(z, plan.timesteps[i])
-    result = perflow_step(plan.settings.prediction_type, output, z, window, None, None, i, plan.timesteps[i])
-    terms = theta_features(plan.settings.prediction_type, z, result.velocity, result.window_end, previous, window)
+def _least_squares_terms(plan: SamplingPlan, record: StepRecord, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The step's theta features ``F`` and the residual ``target - (original step)``, flattened, in float64."""
+    result, window = record.result, record.result.window
+    terms = theta_features(plan.settings.prediction_type, record.sample, result.velocity, result.window_end, record.previous_output, window)
     features = torch.stack([t.double().flatten() for t in terms], dim=1)
-    residual = (target.double() - result.prev_sample.double()).flatten()
-    z_next = result.prev_sample + sum(float(theta_row[j]) * terms[j] for j in range(NUM_THETA_COLUMNS))
-    return z_next, output, features, residual
+    original_step = record.sample + (window.t_next - window.t) * result.velocity
+    return features, (target.double() - original_step.double()).flatten()
 
 
 def _solve_ridge(normal: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -255,7 +222,7 @@ def calibrate_theta(
         teacher: targets at every step end; default the PeRFlow flow at ``teacher_multiplier`` x steps.
     """
     started = time.perf_counter()
-    plan = StudentPlan.build(settings, steps, alphas_cumprod)
+    plan = SamplingPlan.for_steps(settings, steps, alphas_cumprod)
     teacher = teacher or perflow_teacher(model_fn, plan, teacher_multiplier)
     teacher_started = time.perf_counter()
     fit_targets = teacher(fit_noise)

@@ -46,7 +46,6 @@ segments, theta = 0, ``ddim_eps``, T = 1000). theta must have one row per segmen
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -62,18 +61,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .parameterization import canonical_prediction_type
-from .segments import Segments, validate_boundaries, validate_num_segments
-from .settings import PerflowSettings
-from .theta import as_theta
+from .settings import FIELD_NAMES, PerflowSettings
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 PERFLOW_PREFIXES = ("perflow.", "perflow/")
-PERFLOW_FIELDS = ("theta", "segments", "segment_boundaries", "prediction_type", "version", "num_train_timesteps")
-TENSOR_FIELDS = ("theta", "segment_boundaries", "segments")
+PERFLOW_FIELDS = FIELD_NAMES
 TEXT_FIELDS = ("prediction_type", "version")
 NESTED_SETTINGS_KEY = "perflow"
 NESTED_WEIGHTS_KEY = "state_dict"
@@ -310,140 +305,9 @@ def _without_perflow(mapping: Mapping[str, Any]) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------------- parsing
 def _settings_from_entries(entries: Entries) -> PerflowSettings:
-    num_train_timesteps = _parse_num_train_timesteps(entries.get("num_train_timesteps"))
-    boundaries = _parse_boundaries(entries.get("segment_boundaries"), num_train_timesteps)
-    count = _segment_count(_parse_segments(entries.get("segments")), boundaries, entries.get("theta"))
-    return PerflowSettings(
-        segments=count,
-        segment_boundaries=None if _is_uniform(boundaries, num_train_timesteps) else boundaries,
-        theta=_parse_theta(entries.get("theta"), count),
-        prediction_type=_parse_prediction_type(entries.get("prediction_type")),
-        version=_parse_version(entries.get("version")),
-        num_train_timesteps=num_train_timesteps,
-    )
-
-
-def _parse_num_train_timesteps(entry: Optional[Tuple[str, Any]]) -> int:
-    if entry is None:
-        return PerflowSettings.num_train_timesteps
-    key, value = entry
-    number = _whole_number(value)
-    if number is None or number < 2:
-        raise ValueError(f"{key} must be a whole number >= 2 such as 1000; got {value!r}")
-    return number
-
-
-def _parse_segments(entry: Optional[Tuple[str, Any]]) -> Optional[int]:
-    if entry is None:
-        return None
-    key, value = entry
-    number = _whole_number(value)
-    if number is None or number < 1:
-        raise ValueError(f"{key} must be a whole number >= 1 (a 0-d or 1-element int64 tensor); got {value!r}")
-    return validate_num_segments(number)
-
-
-def _whole_number(value: Any) -> Optional[int]:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            return None
-        return int(value.item())
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    return None
-
-
-def _parse_boundaries(entry: Optional[Tuple[str, Any]], num_train_timesteps: int) -> Optional[List[float]]:
-    if entry is None:
-        return None
-    key, value = entry
-    if isinstance(value, torch.Tensor):
-        if value.ndim != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"{key} must be a 1-D float tensor; got dtype {value.dtype}, shape {list(value.shape)}")
-        value = value.to(torch.float64)
-    try:
-        return validate_boundaries(value, num_train_timesteps)
-    except ValueError as error:
-        raise _renamed(error, "segment_boundaries", key) from None
-
-
-def _segment_count(segments: Optional[int], boundaries: Optional[List[float]], theta: Optional[Tuple[str, Any]]) -> int:
-    # A file with theta alone (a standalone theta file) has one uniform segment per theta row.
-    if boundaries is None:
-        if segments is not None:
-            return segments
-        rows = None if theta is None else _row_count(theta[1])
-        return rows if rows else PerflowSettings.segments
-    count = len(boundaries) - 1
-    if segments is not None and segments != count:
-        raise ValueError(
-            f"perflow.segments is {segments} but perflow.segment_boundaries {boundaries} makes {count} segments; make them agree"
-        )
-    return count
-
-
-def _is_uniform(boundaries: Optional[List[float]], num_train_timesteps: int) -> bool:
-    if boundaries is None:
-        return True
-    uniform = Segments.uniform(len(boundaries) - 1, num_train_timesteps).boundaries
-    return bool(np.array_equal(np.float32(boundaries), np.float32(uniform)))
-
-
-def _parse_theta(entry: Optional[Tuple[str, Any]], count: int) -> Optional[torch.Tensor]:
-    if entry is None:
-        return None
-    key, value = entry
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise ValueError(f"{key} must be a float32 or float64 tensor; got {value.dtype}")
-        value = value.detach().cpu().to(torch.float64)
-    rows = _row_count(value)
-    if rows is not None and rows != count:
-        raise ValueError(
-            f"{key} has {rows} rows but there are {count} segments (from perflow.segments or "
-            f"perflow.segment_boundaries); give one row per segment"
-        )
-    # as_theta reports everything else (columns, NaN/Inf, non-numbers) under the key's name.
-    return as_theta(value, count, name=key)
-
-
-def _row_count(value: Any) -> Optional[int]:
-    try:
-        shape = np.shape(value)
-    except (TypeError, ValueError):
-        return None
-    return shape[0] if len(shape) in (1, 2) else None
-
-
-def _parse_prediction_type(entry: Optional[Tuple[str, Any]]) -> str:
-    if entry is None:
-        return PerflowSettings.prediction_type
-    key, value = entry
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string (safetensors metadata); got {type(value).__name__}")
-    try:
-        return canonical_prediction_type(value)
-    except ValueError as error:
-        raise _renamed(error, "prediction_type", key) from None
-
-
-def _renamed(error: ValueError, name: str, key: str) -> ValueError:
-    """The error of a shared validator, speaking of the checkpoint key instead of the setting's name."""
-    text = str(error)
-    return ValueError(key + text[len(name) :] if text.startswith(name) else f"{key}: {text}")
-
-
-def _parse_version(entry: Optional[Tuple[str, Any]]) -> str:
-    if entry is None:
-        return PerflowSettings.version
-    key, value = entry
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key} must be a version string such as '0.1'; got {value!r}")
-    return value
+    """The settings the entries give (checked by PerflowSettings, errors naming the key as found in the file)."""
+    values = {field: value for field, (_, value) in entries.items()}
+    return PerflowSettings.from_entries(values, names={field: key for field, (key, _) in entries.items()})
 
 
 # ------------------------------------------------------------------------------------ file I/O
@@ -597,8 +461,7 @@ def _rewrite_pickle(source: Path, destination: Path, settings: PerflowSettings, 
 def _revalidated(settings: PerflowSettings) -> PerflowSettings:
     if not isinstance(settings, PerflowSettings):
         raise ValueError(f"settings must be a PerflowSettings; got {type(settings).__name__}")
-    with _naming("settings"):
-        return dataclasses.replace(settings, theta=settings.theta.detach().cpu())
+    return settings
 
 
 def _checked_extra_metadata(extra_metadata: Optional[Mapping[str, str]]) -> Dict[str, str]:
@@ -611,30 +474,16 @@ def _checked_extra_metadata(extra_metadata: Optional[Mapping[str, str]]) -> Dict
     return extra
 
 
-def _perflow_values(settings: PerflowSettings) -> Dict[str, Any]:
-    boundaries = settings.segment_boundaries or Segments.uniform(settings.segments, settings.num_train_timesteps).boundaries
-    return {
-        "theta": settings.theta.to(torch.float32).contiguous(),
-        "segment_boundaries": torch.tensor(boundaries, dtype=torch.float32),
-        "segments": torch.tensor(settings.segments, dtype=torch.int64),
-        "prediction_type": settings.prediction_type,
-        "version": settings.version,
-        "num_train_timesteps": settings.num_train_timesteps,
-    }
-
-
 def _perflow_tensors(settings: PerflowSettings) -> Dict[str, torch.Tensor]:
-    values = _perflow_values(settings)
-    return {f"perflow.{field}": values[field] for field in TENSOR_FIELDS}
+    return settings.file_entries()[0]
 
 
 def _perflow_metadata(settings: PerflowSettings) -> Dict[str, str]:
-    values = _perflow_values(settings)
-    return {f"perflow.{field}": str(values[field]) for field in (*TEXT_FIELDS, "num_train_timesteps")}
+    return settings.file_entries()[1]
 
 
 def _with_perflow_entries(checkpoint: Mapping[str, Any], settings: PerflowSettings) -> Dict[str, Any]:
-    values = _perflow_values(settings)
+    values = settings.values()
     weights = checkpoint.get(NESTED_WEIGHTS_KEY)
     if isinstance(weights, Mapping):
         updated = _without_perflow(checkpoint)

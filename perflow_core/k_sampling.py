@@ -19,10 +19,8 @@ import torch
 from tqdm.auto import trange
 
 from .parameterization import path_noise_scales
-from .segments import Segments
+from .sampling import SamplingPlan, StepRecord, run_plan
 from .settings import PerflowSettings
-from .solver import perflow_step
-from .theta import theta_rows_like
 
 logger = logging.getLogger(__name__)
 
@@ -169,34 +167,35 @@ def sample_perflow(
     extra_args = {} if extra_args is None else extra_args
     settings = settings or PerflowSettings()
     space = space or ModelSpace.of(model_sampling_of(model))
-    segments = _segments_for(settings, space)
-    alphas_cumprod = space.alphas_cumprod
+    check_num_train_timesteps(settings, space)
     timesteps = sampling_timesteps(space, sigmas)
-    windows = [segments.window(t, t_next, alphas_cumprod) for t, t_next in zip(timesteps[:-1], timesteps[1:])]
-    if not windows:
+    if len(timesteps) < 2:
         return x
+    plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
     full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
-    z = start_on_path(model, x, space, windows[0], full_denoise)
-    theta_rows = theta_rows_like(settings.theta, x)
-    previous_output = None
-    for i in trange(len(windows), disable=disable):
-        window = windows[i]
-        denoised, output = space.call(model, z, timesteps[i], extra_args)
-        result = perflow_step(settings.prediction_type, output, z, window, theta_rows[window.index], previous_output, i, timesteps[i])
-        previous_output, z = output, result.prev_sample
-        if callback is not None:
-            preview = denoised if space.kind == "flow" else result.pred_original_sample
-            callback({"x": space.from_path(z, space.sigma_of(timesteps[i + 1])), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
+    z = start_on_path(model, x, space, plan.windows[0], full_denoise)
+    denoised = {}
+
+    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
+        denoised["last"], output = space.call(model, z, timestep, extra_args)
+        return output
+
+    def report(record: StepRecord) -> None:
+        i = record.index
+        preview = denoised["last"] if space.kind == "flow" else record.result.pred_original_sample
+        x_next = space.from_path(record.result.prev_sample, space.sigma_of(timesteps[i + 1]))
+        callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
+
+    z, _ = run_plan(model_fn, plan, z, steps=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
     return space.from_path(z, space.sigma_of(timesteps[-1]))
 
 
-def _segments_for(settings: PerflowSettings, space: ModelSpace) -> Segments:
+def check_num_train_timesteps(settings: PerflowSettings, space: ModelSpace) -> None:
     if settings.num_train_timesteps != space.num_train_timesteps:
         raise ValueError(
             f"the PeRFlow settings use num_train_timesteps={settings.num_train_timesteps} but the model has "
             f"{space.num_train_timesteps} training timesteps"
         )
-    return settings.build_segments()
 
 
 def perflow_sigmas(space: ModelSpace, settings: PerflowSettings, steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -204,18 +203,17 @@ def perflow_sigmas(space: ModelSpace, settings: PerflowSettings, steps: int, den
 
     ``denoise < 1`` works like ComfyUI's own schedulers: the grid of ``int(steps / denoise)`` steps is
     built and its last ``steps`` are kept, so the start lands on that finer grid (a segment start when
-    ``steps / denoise`` is a multiple of K times ``steps / K``, e.g. 4 steps at denoise 0.5).
+    ``steps / denoise`` is a multiple of K times ``steps / K``, e.g. 4 steps at denoise 0.5). Fewer steps
+    than segments are raised to K (`PerflowSettings.steps_for`).
     """
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a whole number >= 1; got {steps!r}")
     if not 0 < denoise <= 1:
         raise ValueError(f"denoise must be in (0, 1]; got {denoise}")
-    segments = _segments_for(settings, space)
-    total = max(int(steps / denoise), len(segments)) if denoise < 1 else steps
-    if total < len(segments):
-        raise ValueError(
-            f"steps={steps} is below the number of segments K={len(segments)}; PeRFlow needs at least one step "
-            f"per segment (use steps >= {len(segments)} or fewer segments)"
-        )
-    grid = segments.timesteps(total)[-steps:].tolist()
+    check_num_train_timesteps(settings, space)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1; got {steps!r}")
+    if denoise < 1:
+        total = settings.steps_for(int(steps / denoise), "steps / denoise")
+    else:
+        steps = total = settings.steps_for(steps)
+    grid = settings.build_segments().timesteps(total)[-steps:].tolist()
     return torch.tensor([space.sigma_of(float(t)) for t in grid] + [0.0], dtype=torch.float32)

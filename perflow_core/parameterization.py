@@ -21,13 +21,13 @@ PREDICTION_TYPE_ALIASES = {"epsilon": "diff_eps", "v_prediction": "velocity"}
 _EPS = 1e-12
 
 
-def canonical_prediction_type(prediction_type: str) -> str:
+def canonical_prediction_type(prediction_type: str, name: str = "prediction_type") -> str:
     """Resolve legacy names (``epsilon`` -> ``diff_eps``) and reject unknown ones."""
-    name = PREDICTION_TYPE_ALIASES.get(prediction_type, prediction_type)
-    if name not in PREDICTION_TYPES:
+    canonical = PREDICTION_TYPE_ALIASES.get(prediction_type, prediction_type) if isinstance(prediction_type, str) else None
+    if canonical not in PREDICTION_TYPES:
         accepted = ", ".join(PREDICTION_TYPES + tuple(PREDICTION_TYPE_ALIASES))
-        raise ValueError(f"prediction_type must be one of {accepted}; got {prediction_type!r}")
-    return name
+        raise ValueError(f"{name} must be one of {accepted}; got {prediction_type!r}")
+    return canonical
 
 
 def window_start_coefficients(prediction_type: str, alpha_start: float, alpha_end: float) -> tuple[float, float]:

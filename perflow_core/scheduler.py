@@ -14,15 +14,15 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from .noise_schedule import _betas_for
-from .parameterization import canonical_prediction_type, path_noise_scales
-from .segments import Segments, Window, validate_num_segments
-from .settings import FORMAT_VERSION, PerflowSettings
+from .parameterization import path_noise_scales
+from .sampling import SamplingPlan
+from .segments import Window
+from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
 from .solver import perflow_step
-from .theta import as_theta, theta_rows_like, theta_to_list
+from .theta import theta_to_list
 
 logger = logging.getLogger(__name__)
 
-STATE_DICT_PERFLOW_KEYS = ("theta", "segments", "segment_boundaries", "version", "prediction_type")
 LEGACY_THETA_FILES = ("scheduler_state.safetensors", "pytorch_model.bin")
 
 
@@ -102,24 +102,36 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
     ):
         if t_noise != 1 or t_clean != 0:
             raise ValueError(f"t_noise must be 1 and t_clean 0 (PeRFlow's path ends); got t_noise={t_noise}, t_clean={t_clean}")
-        self.prediction_type = canonical_prediction_type(prediction_type)
-        self.segments = _build_segments(num_train_timesteps, segments, segment_boundaries, num_time_windows)
+        self.settings = PerflowSettings.from_config(
+            {
+                "num_train_timesteps": num_train_timesteps,
+                "segments": segments,
+                "segment_boundaries": segment_boundaries,
+                "theta_init": theta_init,
+                "prediction_type": prediction_type,
+                "version": version,
+                "num_time_windows": num_time_windows,
+            }
+        )
+        self.prediction_type = self.settings.prediction_type
+        self.segments = self.settings.build_segments()
         self.betas = _betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.init_noise_sigma = 1.0
-        self.theta = as_theta(theta_init, len(self.segments), name="theta_init")
+        self.theta = self.settings.theta
         if learn_theta:
             self.theta.requires_grad_(True)
         if trained_betas is not None:
             self.register_to_config(trained_betas=[float(b) for b in np.asarray(trained_betas).ravel()])
+        config = self.settings.to_config()
         self.register_to_config(
-            segments=len(self.segments),
-            segment_boundaries=None if segment_boundaries is None else self.segments.boundaries,
+            segments=config["segments"],
+            segment_boundaries=config["segment_boundaries"],
             theta_init=None if theta_init is None else theta_to_list(self.theta),
         )
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
-        self._windows: List[Window] = []
+        self._plan: Optional[SamplingPlan] = None
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._previous: Optional[Tuple[int, torch.Tensor]] = None
@@ -138,23 +150,16 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------- theta
     def set_theta(self, theta: Any) -> None:
         """Replace theta (validated: `[K]` or `[K, P]`, finite) and record it in the config."""
-        new_theta = as_theta(theta, len(self.segments))
+        self.settings = self.settings.replace(theta=theta)
+        self.theta = self.settings.theta
         if self.config.learn_theta:
-            new_theta.requires_grad_(True)
-        self.theta = new_theta
+            self.theta.requires_grad_(True)
         self._theta_rows = None
-        self.register_to_config(theta_init=theta_to_list(new_theta))
+        self.register_to_config(theta_init=theta_to_list(self.theta))
 
     def perflow_settings(self) -> PerflowSettings:
-        """This scheduler's segments, parameterisation and theta as [`PerflowSettings`]."""
-        return PerflowSettings(
-            segments=len(self.segments),
-            segment_boundaries=None if self.config.segment_boundaries is None else self.segments.boundaries,
-            theta=self.theta.detach(),
-            prediction_type=self.prediction_type,
-            version=self.config.version,
-            num_train_timesteps=self.config.num_train_timesteps,
-        )
+        """This scheduler's segments, parameterisation and theta (as learned so far) as [`PerflowSettings`]."""
+        return self.settings.replace(theta=self.theta.detach())
 
     def calibrate(
         self,
@@ -229,11 +234,12 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`")
         if timesteps is not None:
             grid = _validate_timesteps(timesteps, self.config.num_train_timesteps)
+            self._plan = SamplingPlan.for_timesteps(self.settings, grid.tolist(), self.alphas_cumprod)
         else:
-            grid = self.segments.timesteps(self._at_least_one_step_per_segment(num_inference_steps))
+            self._plan = SamplingPlan.for_steps(self.settings, num_inference_steps, self.alphas_cumprod, "num_inference_steps")
+            grid = np.asarray(self._plan.timesteps, dtype=np.int64)
         self.timesteps = torch.from_numpy(grid).to(device)
         self.num_inference_steps = len(grid)
-        self._windows = [self._window(grid[i], grid[i + 1] if i + 1 < len(grid) else 0) for i in range(len(grid))]
         self._step_index = None
         self._begin_index = None
         self._previous = None
@@ -245,19 +251,6 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
                 f"trained_betas has {len(self.alphas_cumprod)} entries; it needs num_train_timesteps="
                 f"{self.config.num_train_timesteps} to sample"
             )
-
-    def _at_least_one_step_per_segment(self, num_inference_steps: int) -> int:
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a whole number >= 1; got {num_inference_steps!r}")
-        if num_inference_steps < len(self.segments):
-            logger.warning(
-                "num_inference_steps=%d is below the number of segments %d; using %d (one step per segment)",
-                num_inference_steps,
-                len(self.segments),
-                len(self.segments),
-            )
-            return len(self.segments)
-        return int(num_inference_steps)
 
     def _window(self, timestep: float, next_timestep: float) -> Window:
         return self.segments.window(float(timestep), float(next_timestep), self.alphas_cumprod)
@@ -272,12 +265,12 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         """The step index and window for `timestep`: the expected next step, else looked up by value."""
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else max(self.index_for_timestep(timestep), 0)
-        index = self._step_index
-        if index < len(self._windows) and float(self.timesteps[index]) == timestep:
-            return index, self._windows[index]
+        index, windows = self._step_index, self._plan.windows
+        if index < len(windows) and self._plan.timesteps[index] == timestep:
+            return index, windows[index]
         index = self.index_for_timestep(timestep)
         if index >= 0:
-            return index, self._windows[index]
+            return index, windows[index]
         later = self.timesteps[self.timesteps < timestep]
         return -1, self._window(timestep, float(later[0]) if len(later) else 0.0)
 
@@ -343,7 +336,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             return self.theta[segment].to(sample)
         like = (sample.device, sample.dtype)
         if self._theta_rows is None or self._theta_rows[0] != like:
-            self._theta_rows = (like, theta_rows_like(self.theta, sample))
+            self._theta_rows = (like, self._plan.theta_rows(sample, self.theta))
         return self._theta_rows[1][segment]
 
     # ------------------------------------------------------------------------------------- add_noise
@@ -373,16 +366,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------- state dict
     def state_dict(self) -> Dict[str, Any]:
         """PeRFlow settings and config: `{"perflow": {theta, segments, segment_boundaries, version, prediction_type}, "config": {...}}`."""
-        return {
-            "perflow": {
-                "theta": self.theta.detach().clone(),
-                "segments": len(self.segments),
-                "segment_boundaries": self.segments.boundaries,
-                "version": self.config.version,
-                "prediction_type": self.prediction_type,
-            },
-            "config": {k: v for k, v in self.config.items() if not k.startswith("_")},
-        }
+        return {"perflow": self.perflow_settings().values(), "config": {k: v for k, v in self.config.items() if not k.startswith("_")}}
 
     def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
         """Load settings from [`state_dict`]'s format.
@@ -399,12 +383,12 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             else:
                 unexpected.append(f"config.{key}")
         perflow = state_dict.get("perflow", {})
-        unexpected += [f"perflow.{k}" for k in perflow if k not in STATE_DICT_PERFLOW_KEYS]
+        unexpected += [f"perflow.{k}" for k in perflow if k not in FIELD_NAMES]
         if unexpected:
             if strict:
                 raise KeyError(f"unexpected keys in the PerflowScheduler state dict: {', '.join(unexpected)}")
             logger.warning("PerflowScheduler.load_state_dict ignored: %s", ", ".join(unexpected))
-        config.update(_config_from_perflow_entries(perflow))
+        config.update(_config_entries(perflow))
         self.__init__(**{k: v for k, v in config.items() if k in known})
 
     # ------------------------------------------------------------------------------------- loading
@@ -436,7 +420,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         from .checkpoint import read_perflow_settings
 
         settings = read_perflow_settings(path)
-        return cls(**{**settings.scheduler_kwargs(), **overrides})
+        return cls(**{**settings.to_config(), **overrides})
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -449,38 +433,16 @@ def _betas(beta_schedule: str, beta_start: float, beta_end: float, num_train_tim
     return _betas_for(beta_schedule, beta_start, beta_end, num_train_timesteps, None)
 
 
-def _build_segments(
-    num_train_timesteps: int,
-    segments: Optional[int],
-    segment_boundaries: Optional[List[float]],
-    num_time_windows: Optional[int],
-) -> Segments:
-    counts = {name: validate_num_segments(v) for name, v in (("segments", segments), ("num_time_windows", num_time_windows)) if v is not None}
-    if segment_boundaries is not None:
-        built = Segments.from_boundaries(segment_boundaries, num_train_timesteps)
-        counts["segment_boundaries"] = len(built)
-    else:
-        built = Segments.uniform(next(iter(counts.values()), 4), num_train_timesteps)
-    if len(set(counts.values())) > 1:
-        raise ValueError(f"the number of segments disagrees: {counts}; give one of them or make them agree")
-    return built
-
-
-def _config_from_perflow_entries(perflow: Dict[str, Any]) -> Dict[str, Any]:
-    entries: Dict[str, Any] = {}
-    if "segment_boundaries" in perflow:
-        boundaries = perflow["segment_boundaries"]
-        entries["segment_boundaries"] = None if boundaries is None else [float(b) for b in torch.as_tensor(boundaries).flatten().tolist()]
+def _config_entries(perflow: Dict[str, Any]) -> Dict[str, Any]:
+    """A state dict's ``perflow`` entries as config values (checked when the scheduler is rebuilt from them)."""
+    entries = {CONFIG_KEYS[field]: _plain(value) for field, value in perflow.items() if field in CONFIG_KEYS}
     if "segments" in perflow:
-        entries["segments"] = int(perflow["segments"])
         entries["num_time_windows"] = None
-    if "theta" in perflow:
-        theta = perflow["theta"]
-        entries["theta_init"] = None if theta is None else torch.as_tensor(theta).tolist()
-    for key in ("version", "prediction_type"):
-        if key in perflow:
-            entries[key] = perflow[key]
     return entries
+
+
+def _plain(value: Any) -> Any:
+    return value.detach().cpu().tolist() if isinstance(value, torch.Tensor) else value
 
 
 def _validate_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -153,13 +153,16 @@ def _tidy(value: float) -> float:
     return float(rounded) if abs(value - rounded) < 1e-9 else value
 
 
-def validate_num_segments(num_segments: object) -> int:
+def validate_num_segments(num_segments: object, num_train_timesteps: Optional[int] = None, name: str = "segments") -> int:
+    """K as an int: a whole number >= 1, and at most T (each segment at least one training timestep wide)."""
     if isinstance(num_segments, bool) or not isinstance(num_segments, (int, np.integer)) or num_segments < 1:
-        raise ValueError(f"segments must be a whole number >= 1, got {num_segments!r}")
+        raise ValueError(f"{name} must be a whole number >= 1, got {num_segments!r}")
+    if num_train_timesteps is not None and num_segments > num_train_timesteps:
+        raise ValueError(f"{name} must be at most num_train_timesteps={num_train_timesteps}; got {num_segments}")
     return int(num_segments)
 
 
-def validate_boundaries(boundaries: Sequence[float], num_train_timesteps: int = 1000) -> list[float]:
+def validate_boundaries(boundaries: Sequence[float], num_train_timesteps: int = 1000, name: str = "segment_boundaries") -> list[float]:
     """Check a boundary list and return it as floats with the noise end normalised to ``T``."""
     accepted = (
         f"a strictly decreasing list of training timesteps from {num_train_timesteps} "
@@ -168,18 +171,27 @@ def validate_boundaries(boundaries: Sequence[float], num_train_timesteps: int = 
     if isinstance(boundaries, torch.Tensor):
         boundaries = boundaries.detach().cpu().flatten().tolist()
     try:
-        values = [float(b) for b in boundaries]
+        values = [_real(b) for b in boundaries]
     except (TypeError, ValueError):
-        raise ValueError(f"segment_boundaries must be {accepted}; got {boundaries!r}") from None
+        raise ValueError(f"{name} must be {accepted}; got {boundaries!r}") from None
     if len(values) < 2:
-        raise ValueError(f"segment_boundaries needs at least 2 entries ({accepted}); got {values}")
+        raise ValueError(f"{name} needs at least 2 entries ({accepted}); got {values}")
+    if len(values) > num_train_timesteps + 1:
+        raise ValueError(f"{name} has {len(values)} entries; at most {num_train_timesteps + 1} (one segment per training timestep)")
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"segment_boundaries must be finite; got {values}")
+        raise ValueError(f"{name} must be finite; got {values}")
     if any(later >= earlier for earlier, later in zip(values, values[1:])):
-        raise ValueError(f"segment_boundaries must be strictly decreasing ({accepted}); got {values}")
+        raise ValueError(f"{name} must be strictly decreasing ({accepted}); got {values}")
     if values[0] not in (num_train_timesteps, num_train_timesteps - 1):
-        raise ValueError(f"segment_boundaries must start at the noise end ({accepted}); got {values}")
+        raise ValueError(f"{name} must start at the noise end ({accepted}); got {values}")
     if values[-1] != 0:
-        raise ValueError(f"segment_boundaries must end at 0 ({accepted}); got {values}")
+        raise ValueError(f"{name} must end at 0 ({accepted}); got {values}")
     values[0] = float(num_train_timesteps)
     return values
+
+
+def _real(value: object) -> float:
+    """A number given as a number or as text (typed boundaries); never a bool."""
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a timestep")
+    return float(value)

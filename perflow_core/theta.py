@@ -68,22 +68,25 @@ def theta_to_list(theta: torch.Tensor) -> list[list[float]]:
     return [[float(v) for v in row] for row in theta.detach().cpu().tolist()]
 
 
-def parse_theta_text(text: str, num_segments: int) -> torch.Tensor:
+def parse_theta_text(text: str, num_segments: Optional[int], name: str = "theta") -> Any:
     """Parse theta typed by a person: rows separated by ``;`` or new lines, numbers by ``,`` or spaces.
 
-    An empty text means theta = 0.
+    An empty text means theta = 0; a single row of K numbers is the gain column. With ``num_segments`` None
+    the rows are returned as lists (for counting them), else the validated ``[K, 3]`` tensor.
     """
     rows = [row for row in text.replace("\n", ";").split(";") if row.strip()]
-    if not rows:
-        return zero_theta(num_segments)
     try:
         values: Sequence[Sequence[float]] = [[float(v) for v in row.replace(",", " ").split()] for row in rows]
     except ValueError:
         raise ValueError(
-            f"theta text must be numbers, one row per segment separated by ';' (e.g. '0.1, 0, 0.2; 0, 0, 0'); got {text!r}"
+            f"{name} text must be numbers, one row per segment separated by ';' (e.g. '0.1, 0, 0.2; 0, 0, 0'); got {text!r}"
         ) from None
-    if len(rows) == 1 and num_segments > 1 and len(values[0]) == num_segments:
-        return as_theta(values[0], num_segments)
+    if num_segments is None:
+        return values
+    if not values:
+        return zero_theta(num_segments)
+    if len(values) == 1 and num_segments > 1 and len(values[0]) == num_segments:
+        return as_theta(values[0], num_segments, name)
     if len({len(row) for row in values}) != 1:
-        raise ValueError(f"theta rows must all have the same number of columns; got {text!r}")
-    return as_theta(values, num_segments)
+        raise ValueError(f"{name} rows must all have the same number of columns; got {text!r}")
+    return as_theta(values, num_segments, name)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds
-from perflow_core.calibration import StudentPlan, calibrate_theta, fit_theta, perflow_teacher, run_student
+from perflow_core.calibration import calibrate_theta, fit_theta, perflow_teacher, run_student
+from perflow_core.sampling import SamplingPlan
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.settings import PerflowSettings
 
@@ -16,7 +17,7 @@ def model_fn():
 
 
 def test_teacher_passes_through_every_student_timestep(model_fn):
-    plan = StudentPlan.build(PerflowSettings(prediction_type="ddim_eps"), 6, ALPHAS)
+    plan = SamplingPlan.for_steps(PerflowSettings(prediction_type="ddim_eps"), 6, ALPHAS)
     teacher = perflow_teacher(model_fn, plan, multiplier=4)
     assert teacher.calls_per_sample == 24
     targets = teacher(noise_for_seeds(range(2)).double())
@@ -24,13 +25,13 @@ def test_teacher_passes_through_every_student_timestep(model_fn):
 
 
 def test_a_teacher_with_one_step_per_student_step_is_the_student(model_fn):
-    plan = StudentPlan.build(PerflowSettings(prediction_type="ddim_eps"), 4, ALPHAS)
+    plan = SamplingPlan.for_steps(PerflowSettings(prediction_type="ddim_eps"), 4, ALPHAS)
     noise = noise_for_seeds(range(3)).double()
     assert torch.allclose(perflow_teacher(model_fn, plan, multiplier=1)(noise)[-1], run_student(model_fn, plan, noise)[-1])
 
 
 def test_fitting_the_student_to_itself_gives_zero_theta(model_fn):
-    plan = StudentPlan.build(PerflowSettings(prediction_type="ddim_eps"), 4, ALPHAS)
+    plan = SamplingPlan.for_steps(PerflowSettings(prediction_type="ddim_eps"), 4, ALPHAS)
     noise = noise_for_seeds(range(8)).double()
     theta = fit_theta(model_fn, plan, noise, run_student(model_fn, plan, noise))
     assert theta.abs().max() < 1e-6

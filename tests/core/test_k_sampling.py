@@ -154,10 +154,16 @@ def test_img2img_start_inside_a_segment_lands_on_the_straight_path():
     assert torch.allclose(first_z, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps, denoise", [(3, 1.0), (0, 1.0)])
-def test_too_few_steps_are_refused_naming_steps(steps, denoise):
+def test_fewer_steps_than_segments_are_raised_to_one_per_segment_with_a_warning(caplog):
+    sigmas = perflow_sigmas(ModelSpace.of(DiscreteEps()), PerflowSettings(), 3)
+    assert len(sigmas) == 4 + 1
+    assert "steps=3 is below the number of segments K=4" in caplog.text
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True])
+def test_a_step_count_that_is_no_whole_number_is_refused_naming_steps(steps):
     with pytest.raises(ValueError, match="steps"):
-        perflow_sigmas(ModelSpace.of(DiscreteEps()), PerflowSettings(), steps, denoise)
+        perflow_sigmas(ModelSpace.of(DiscreteEps()), PerflowSettings(), steps)
 
 
 def test_a_model_family_that_cannot_work_is_refused():
