@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from .parameterization import PREDICTION_TYPES, canonical_prediction_type
-from .segments import Segments, Window
+from .segments import Segments, SegmentStep
 from .settings import PerflowSettings
 from .solver import StepResult, perflow_step
 from .theta import THETA_COLUMNS, as_theta, parse_theta_text
@@ -25,7 +25,7 @@ __all__ = [
     "Segments",
     "StepResult",
     "THETA_COLUMNS",
-    "Window",
+    "SegmentStep",
     "as_theta",
     "canonical_prediction_type",
     "parse_theta_text",

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .sampling import ModelFn, SamplingPlan, StepRecord, run_plan
-from .segments import Window
+from .segments import SegmentStep
 from .settings import PerflowSettings
 from .solver import theta_features
 from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
@@ -109,7 +109,7 @@ def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], pla
     point on the straight line between the ODE's states at the window's ends (the path PeRFlow follows).
     Used to calibrate a distilled student against the teacher it was distilled from.
     """
-    levels = sorted({w.alpha_start for w in plan.windows} | {w.alpha_end for w in plan.windows})
+    levels = sorted({w.alpha_start for w in plan.steps} | {w.alpha_end for w in plan.steps})
 
     def teacher(noise: torch.Tensor) -> List[torch.Tensor]:
         z, current = noise.double(), float(plan.alphas_cumprod[-1])
@@ -118,16 +118,16 @@ def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], pla
             if alpha not in states:
                 z, current = solve(z, current, alpha), alpha
                 states[alpha] = z
-        return [window_line_point(states, w).to(noise.dtype) for w in plan.windows]
+        return [window_line_point(states, w).to(noise.dtype) for w in plan.steps]
 
     teacher.calls_per_sample = 0  # type: ignore[attr-defined]
     return teacher
 
 
-def window_line_point(states: Dict[float, torch.Tensor], window: Window) -> torch.Tensor:
-    """The point at ``window.t_next`` on the straight line between the states at the window's two signal levels."""
-    share = (window.t_start - window.t_next) / (window.t_start - window.t_end)
-    return torch.lerp(states[window.alpha_start], states[window.alpha_end], share)
+def window_line_point(states: Dict[float, torch.Tensor], step: SegmentStep) -> torch.Tensor:
+    """The point at ``step.t_next`` on the straight line between the states at the window's two signal levels."""
+    share = (step.t_start - step.t_next) / (step.t_start - step.t_end)
+    return torch.lerp(states[step.alpha_start], states[step.alpha_end], share)
 
 
 def _subdivide(start: float, end: float, parts: int) -> List[float]:
@@ -147,7 +147,7 @@ def fit_theta(
     """Per-segment least squares of theta so the sampler's states match ``targets`` (one per step)."""
     theta = torch.zeros(plan.settings.segments, NUM_THETA_COLUMNS, dtype=torch.float64)
     z_segment, previous_segment = noise, None
-    for k in sorted({w.index for w in plan.windows}):
+    for k in sorted({w.index for w in plan.steps}):
         steps = plan.steps_in_segment(k)
         for _ in range(refits if len(steps) > 1 else 1):
             normal, rhs = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
@@ -180,10 +180,10 @@ def _better_than_zero(model_fn: ModelFn, plan: SamplingPlan, steps: List[int], z
 
 def _least_squares_terms(plan: SamplingPlan, record: StepRecord, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The step's theta features ``F`` and the residual ``target - (original step)``, flattened, in float64."""
-    result, window = record.result, record.result.window
-    terms = theta_features(plan.settings.prediction_type, record.sample, result.velocity, result.window_end, record.previous_output, window)
+    result, step = record.result, record.result.step
+    terms = theta_features(plan.settings.prediction_type, record.sample, result.velocity, result.window_end, record.previous_output, step)
     features = torch.stack([t.double().flatten() for t in terms], dim=1)
-    original_step = record.sample + (window.t_next - window.t) * result.velocity
+    original_step = record.sample + (step.t_next - step.t) * result.velocity
     return features, (target.double() - original_step.double()).flatten()
 
 
@@ -241,7 +241,7 @@ def calibrate_theta(
         teacher_seconds=teacher_seconds,
         total_seconds=time.perf_counter() - started,
         teacher_calls=int(getattr(teacher, "calls_per_sample", 0)),
-        student_calls=len(plan.windows),
+        student_calls=len(plan.steps),
         segment_errors_before=[rmse(b, t) for b, t in zip(before, holdout_targets)],
         segment_errors_after=[rmse(a, t) for a, t in zip(after, holdout_targets)],
     )

@@ -123,19 +123,19 @@ def sampling_timesteps(space: ModelSpace, sigmas: torch.Tensor) -> List[float]:
     return timesteps
 
 
-def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, window: Any, full_denoise: bool) -> torch.Tensor:
+def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, step: Any, full_denoise: bool) -> torch.Tensor:
     """The first sample in PeRFlow's space.
 
     Txt2img starts from pure noise, as the original. An img2img start inside a segment is put on the
     straight path (see ``path_noise_scales``) when ComfyUI's clean latent and noise are at hand, as
     ``PerflowScheduler.add_noise`` does; at a segment start that equals ComfyUI's own noising.
     """
-    sigma = space.sigma_of(window.t * space.num_train_timesteps)
-    inside_segment = window.t < window.t_start
+    sigma = space.sigma_of(step.t * space.num_train_timesteps)
+    inside_segment = step.t < step.t_start
     latent, noise = getattr(model, "latent_image", None), getattr(model, "noise", None)
     if full_denoise or space.kind == "flow" or not inside_segment or latent is None or noise is None:
         return space.to_path(x, sigma)
-    signal_scale, noise_scale = path_noise_scales(window)
+    signal_scale, noise_scale = path_noise_scales(step)
     return signal_scale * latent.to(x) + noise_scale * noise.to(x)
 
 
@@ -173,7 +173,7 @@ def sample_perflow(
         return x
     plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
     full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
-    z = start_on_path(model, x, space, plan.windows[0], full_denoise)
+    z = start_on_path(model, x, space, plan.steps[0], full_denoise)
     denoised = {}
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
@@ -186,7 +186,7 @@ def sample_perflow(
         x_next = space.from_path(record.result.prev_sample, space.sigma_of(timesteps[i + 1]))
         callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
 
-    z, _ = run_plan(model_fn, plan, z, steps=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
+    z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
     return space.from_path(z, space.sigma_of(timesteps[-1]))
 
 

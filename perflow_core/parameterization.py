@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .segments import Window
+from .segments import SegmentStep
 
 PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
 # Before April 2024 the original called ``diff_eps`` "epsilon"; diffusers' v-prediction configs
@@ -44,55 +44,55 @@ def window_start_coefficients(prediction_type: str, alpha_start: float, alpha_en
     raise ValueError(f"window coefficients exist for ddim_eps and diff_eps, not {prediction_type!r}")
 
 
-def window_end_coefficients(prediction_type: str, window: Window) -> tuple[float, float]:
+def window_end_coefficients(prediction_type: str, step: SegmentStep) -> tuple[float, float]:
     """``(lambda_t, eta_t)`` at the current time t_c inside the window."""
-    lam_s, eta_s = window_start_coefficients(prediction_type, window.alpha_start, window.alpha_end)
-    t_s, t_e, t_c = window.t_start, window.t_end, window.t
+    lam_s, eta_s = window_start_coefficients(prediction_type, step.alpha_start, step.alpha_end)
+    t_s, t_e, t_c = step.t_start, step.t_end, step.t
     denominator = lam_s * (t_c - t_s) + (t_e - t_c)
     denominator = math.copysign(max(abs(denominator), _EPS), denominator)
     return lam_s * (t_e - t_s) / denominator, eta_s * (t_e - t_c) / denominator
 
 
-def time_to_window_end(window: Window) -> float:
+def time_to_window_end(step: SegmentStep) -> float:
     """``t_e - t_c`` (negative), kept away from zero."""
-    return min(window.t_end - window.t, -_EPS)
+    return min(step.t_end - step.t, -_EPS)
 
 
 def velocity_and_window_end(
-    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, window: Window
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, step: SegmentStep
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The velocity of the straight path and the window end it predicts."""
-    remaining = time_to_window_end(window)
+    remaining = time_to_window_end(step)
     if prediction_type == "velocity":
         return model_output, sample + remaining * model_output
-    lam, eta = window_end_coefficients(prediction_type, window)
+    lam, eta = window_end_coefficients(prediction_type, step)
     window_end = lam * sample + eta * model_output
     return (window_end - sample) / remaining, window_end
 
 
-def clean_estimate(sample: torch.Tensor, velocity: torch.Tensor, window: Window) -> torch.Tensor:
+def clean_estimate(sample: torch.Tensor, velocity: torch.Tensor, step: SegmentStep) -> torch.Tensor:
     """An x0 estimate for previews: the clean image on the DDIM trajectory through the window's ends.
 
     The straight line gives the window's start and end, ``z_s`` and ``z_e``. Taking both on one
     deterministic DDIM trajectory (Song et al. 2021, eq. 12: ``z = sqrt(a) x0 + sqrt(1-a) eps`` with the
     same x0 and eps) leaves two equations in x0 and eps; this solves them for x0.
     """
-    z_start = sample + (window.t_start - window.t) * velocity
-    z_end = sample + (window.t_end - window.t) * velocity
-    a_s, a_e = window.alpha_start, window.alpha_end
+    z_start = sample + (step.t_start - step.t) * velocity
+    z_end = sample + (step.t_end - step.t) * velocity
+    a_s, a_e = step.alpha_start, step.alpha_end
     noise_s, noise_e = math.sqrt(1 - a_s), math.sqrt(1 - a_e)
     determinant = math.sqrt(a_e) * noise_s - math.sqrt(a_s) * noise_e
     return (noise_s * z_end - noise_e * z_start) / max(determinant, _EPS)
 
 
-def path_noise_scales(window: Window) -> tuple[float, float]:
-    """``(signal, noise)`` scales of the PeRFlow path at ``window.t`` for a clean sample and its noise.
+def path_noise_scales(step: SegmentStep) -> tuple[float, float]:
+    """``(signal, noise)`` scales of the PeRFlow path at ``step.t`` for a clean sample and its noise.
 
     The straight line between the window's start and end, both noised with the same x0 and noise
     (``sqrt(a) x0 + sqrt(1 - a) noise``); at the window start it is the DDPM marginal.
     """
-    a_s, a_e = window.alpha_start, window.alpha_end
-    w = min(max((window.t_start - window.t) / (window.t_start - window.t_end), 0.0), 1.0)
+    a_s, a_e = step.alpha_start, step.alpha_end
+    w = min(max((step.t_start - step.t) / (step.t_start - step.t_end), 0.0), 1.0)
     signal = (1 - w) * math.sqrt(a_s) + w * math.sqrt(a_e)
     noise = (1 - w) * math.sqrt(1 - a_s) + w * math.sqrt(1 - a_e)
     return signal, noise

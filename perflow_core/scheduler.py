@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput
 from .noise_schedule import _betas_for
 from .parameterization import path_noise_scales
 from .sampling import SamplingPlan
-from .segments import Window
+from .segments import SegmentStep
 from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
 from .solver import perflow_step
 from .theta import theta_to_list
@@ -252,8 +252,8 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
                 f"{self.config.num_train_timesteps} to sample"
             )
 
-    def _window(self, timestep: float, next_timestep: float) -> Window:
-        return self.segments.window(float(timestep), float(next_timestep), self.alphas_cumprod)
+    def _step_at(self, timestep: float, next_timestep: float) -> SegmentStep:
+        return self.segments.step_at(float(timestep), float(next_timestep), self.alphas_cumprod)
 
     def index_for_timestep(self, timestep: Union[int, torch.Tensor], schedule_timesteps: Optional[torch.Tensor] = None) -> int:
         """Position of `timestep` in the schedule; -1 when it is not on it."""
@@ -261,18 +261,18 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         matches = (schedule == _as_number(timestep)).nonzero()
         return int(matches[0]) if len(matches) else -1
 
-    def _locate(self, timestep: float) -> Tuple[int, Window]:
-        """The step index and window for `timestep`: the expected next step, else looked up by value."""
+    def _locate(self, timestep: float) -> Tuple[int, SegmentStep]:
+        """The step index and `SegmentStep` for `timestep`: the expected next step, else looked up by value."""
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else max(self.index_for_timestep(timestep), 0)
-        index, windows = self._step_index, self._plan.windows
+        index, windows = self._step_index, self._plan.steps
         if index < len(windows) and self._plan.timesteps[index] == timestep:
             return index, windows[index]
         index = self.index_for_timestep(timestep)
         if index >= 0:
             return index, windows[index]
         later = self.timesteps[self.timesteps < timestep]
-        return -1, self._window(timestep, float(later[0]) if len(later) else 0.0)
+        return -1, self._step_at(timestep, float(later[0]) if len(later) else 0.0)
 
     # ------------------------------------------------------------------------------------------ step
     def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
@@ -309,14 +309,14 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         if eta:
             raise ValueError(f"eta must be 0 (PeRFlow sampling is deterministic); got eta={eta}")
         t = _as_number(timestep)
-        index, window = self._locate(t)
+        index, step = self._locate(t)
         previous_output = self._previous[1] if self._previous is not None and self._previous[0] == index - 1 >= 0 else None
         result = perflow_step(
             self.prediction_type,
             model_output,
             sample,
-            window,
-            theta_row=self._theta_row(window.index, sample),
+            step,
+            theta_row=self._theta_row(step.index, sample),
             previous_output=previous_output,
             step_index=index,
             timestep=t,
@@ -361,7 +361,7 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         return signal.view(shape) * original_samples + noise_scale.view(shape) * noise
 
     def _path_scales(self, timestep: float) -> Tuple[float, float]:
-        return path_noise_scales(self._window(timestep, 0))
+        return path_noise_scales(self._step_at(timestep, 0))
 
     # ----------------------------------------------------------------------------------- state dict
     def state_dict(self) -> Dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Time windows ("segments") of the piecewise linear PeRFlow path and the timestep grid.
+"""The K segments of the piecewise linear PeRFlow path, the timestep grid, and where a step lies in its segment.
+
+Vocabulary: a *segment* is one of the K pieces of the time axis (the original code and paper call it a "time
+window": its config key ``num_time_windows``, and the math names ``window_end`` / ``window_start_coefficients``
+for the predicted end of the current segment and the coefficients at its start keep the paper's word). A
+`SegmentStep` is one sampling step and the segment it lies in.
 
 Time runs over t in [0, 1] with 1 = pure noise; a model sees the timestep ``t * T`` where ``T`` is
 ``num_train_timesteps``. Boundaries are given in those training-timestep units.
@@ -19,8 +24,8 @@ BOUNDARY_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
-class Window:
-    """Where one sampling step sits on the piecewise linear path.
+class SegmentStep:
+    """One sampling step and the segment it lies in.
 
     Args:
         index: segment index k (0 = the window at the noise end).
@@ -126,12 +131,12 @@ class Segments:
         scale = self.num_train_timesteps
         return _alpha_index(self.starts[k] * scale), _alpha_index(self.ends[k] * scale)
 
-    def window(self, timestep: float, next_timestep: float, alphas_cumprod: torch.Tensor) -> Window:
+    def step_at(self, timestep: float, next_timestep: float, alphas_cumprod: torch.Tensor) -> SegmentStep:
         """The geometry of a step from ``timestep`` to ``next_timestep`` (model timestep units)."""
         k = self.index_of(timestep)
         i_start, i_end = self.alpha_indices(k)
         scale = self.num_train_timesteps
-        return Window(
+        return SegmentStep(
             index=k,
             t=float(timestep) / scale,
             t_next=float(next_timestep) / scale,

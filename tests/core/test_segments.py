@@ -63,7 +63,7 @@ def test_integer_boundary_keeps_its_intended_alpha_index():
 
 def test_window_geometry_of_a_step():
     alphas = alphas_cumprod_for()
-    window = Segments.uniform(4).window(875, 750, alphas)
+    window = Segments.uniform(4).step_at(875, 750, alphas)
     assert (window.index, window.t, window.t_next, window.t_start, window.t_end) == (0, 0.875, 0.75, 1.0, 0.75)
     assert window.alpha_start == pytest.approx(float(alphas[999]))
     assert window.alpha_end == pytest.approx(float(alphas[749]))

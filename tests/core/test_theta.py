@@ -55,7 +55,7 @@ def test_theta_text_that_is_not_numbers_is_refused():
 
 
 def _window():
-    return Segments.uniform(4).window(750, 500, alphas_cumprod_for())
+    return Segments.uniform(4).step_at(750, 500, alphas_cumprod_for())
 
 
 @pytest.mark.parametrize("prediction_type", ["ddim_eps", "diff_eps", "velocity"])
