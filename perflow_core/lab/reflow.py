@@ -38,12 +38,15 @@ from ..calibration import rmse
 from ..checkpoint import PERFLOW_PREFIXES, read_perflow_settings, write_perflow_checkpoint
 from ..noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
 from ..parameterization import canonical_prediction_type, window_start_coefficients
-from .pipeline import UnconditionalPipeline
+from .pipeline import run_pipeline
+from ..scheduler import PerflowScheduler
 from ..segments import BOUNDARY_TOLERANCE, Segments, Window
 from ..settings import PerflowSettings
 
 DataSource = Callable[[int, torch.Generator], torch.Tensor]
-Teacher = Callable[[torch.Tensor, Window], torch.Tensor]
+# teacher(z_start, window) -> z_end: the teacher's ODE solution across one window (unlike calibration's
+# Teacher, which maps noise to the targets of every step).
+WindowTeacher = Callable[[torch.Tensor, Window], torch.Tensor]
 
 STUDENT_CONFIG_KEY = "student_config"
 STUDENT_CLASS_KEY = "student_class"
@@ -321,7 +324,7 @@ class PiecewiseReflowTrainer:
         self,
         student: nn.Module,
         data_source: DataSource,
-        teacher: Teacher,
+        teacher: WindowTeacher,
         log_every: int = 0,
         log: Callable[[str], None] = print,
     ) -> ReflowHistory:
@@ -378,7 +381,7 @@ class PiecewiseReflowTrainer:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     def _batch(
-        self, data_source: DataSource, teacher: Teacher, generator: torch.Generator, pool: Optional[_Pool]
+        self, data_source: DataSource, teacher: WindowTeacher, generator: torch.Generator, pool: Optional[_Pool]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(z_t, t * T, target)`` for one step, grouped by window."""
         t, k_of_sample = self._draw_times(generator)
@@ -416,7 +419,7 @@ class PiecewiseReflowTrainer:
         k: int,
         count: int,
         data_source: DataSource,
-        teacher: Teacher,
+        teacher: WindowTeacher,
         generator: torch.Generator,
         pool: Optional[_Pool],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -426,7 +429,7 @@ class PiecewiseReflowTrainer:
         z_start = noise_to_window_start(data_source(count, generator), self.windows[k], generator)
         return z_start, teacher(z_start, self.windows[k]).detach()
 
-    def _teacher_pool(self, data_source: DataSource, teacher: Teacher, generator: torch.Generator, chunk: int = 1024) -> _Pool:
+    def _teacher_pool(self, data_source: DataSource, teacher: WindowTeacher, generator: torch.Generator, chunk: int = 1024) -> _Pool:
         starts, ends = [], []
         for k, window in enumerate(self.windows):
             if self.config.window_weights is not None and self.config.window_weights[k] == 0:
@@ -708,16 +711,12 @@ def _plain_config(model: ModelMixin) -> Dict[str, object]:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def sample_perflow(
+def perflow_pipeline_samples(
     model: nn.Module, settings: PerflowSettings, noise: torch.Tensor, num_inference_steps: int = 4
 ) -> torch.Tensor:
-    """PeRFlow samples of ``model`` from ``noise`` (float32, data space, at ``alphas_cumprod[0]``)."""
-    from ..scheduler import PerflowScheduler
-
-    scheduler = PerflowScheduler(**settings.scheduler_kwargs())
-    pipeline = UnconditionalPipeline(unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(latents=noise, num_inference_steps=num_inference_steps, output_type="pt").images
+    """Samples of ``model`` from ``noise`` through ``PerflowScheduler(settings)`` in the pipeline (float32, data
+    space, at ``alphas_cumprod[0]``)."""
+    return run_pipeline(model, PerflowScheduler(**settings.scheduler_kwargs()), noise, num_inference_steps)
 
 
 def exact_ode_samples(denoiser: AnalyticDigitsDenoiser, noise: torch.Tensor) -> torch.Tensor:
@@ -803,6 +802,6 @@ def evaluate_digits_student(
     teacher_settings = PerflowSettings(segments=settings.segments, prediction_type="ddim_eps")
     return DigitsStudentReport(
         seeds=list(seeds),
-        student={n: rmse(sample_perflow(student, settings, noise, n), exact) for n in steps},
-        teacher={n: rmse(sample_perflow(teacher, teacher_settings, noise, n), exact) for n in steps},
+        student={n: rmse(perflow_pipeline_samples(student, settings, noise, n), exact) for n in steps},
+        teacher={n: rmse(perflow_pipeline_samples(teacher, teacher_settings, noise, n), exact) for n in steps},
     )

@@ -37,7 +37,8 @@ samplers), ``perflow_rows.py`` (PeRFlow and student rows, calibration costs), ``
 
 from ...calibration import StudentPlan, rmse
 from .endpoints import ENDPOINT_MAPS, FLOW_MAP_STEPS, Endpoint, ExactPath, SamplerRun, endpoint_from_sigma, exact_path, map_to_sigma_zero
-from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel, run_pipeline
+from ..pipeline import run_pipeline
+from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel
 from .overhead import (
     FREE_MODEL_REPEAT_FACTOR,
     Overhead,

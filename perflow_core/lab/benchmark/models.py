@@ -11,7 +11,6 @@ import torch
 from ...noise_schedule import alphas_cumprod_for
 from ...parameterization import clean_estimate, velocity_and_window_end
 from ...settings import PerflowSettings
-from ..pipeline import UnconditionalPipeline
 
 
 class ModelWrapper(torch.nn.Module):
@@ -69,13 +68,6 @@ class ConstantOutputModel(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         return SimpleNamespace(sample=self.output)
-
-
-def run_pipeline(model: torch.nn.Module, scheduler: Any, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """``UnconditionalPipeline`` samples (data space, unclipped) from ``noise``."""
-    pipeline = UnconditionalPipeline(unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(latents=noise, num_inference_steps=steps, output_type="pt").images
 
 
 class StudentEpsModel(ModelWrapper):

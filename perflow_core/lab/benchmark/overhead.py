@@ -13,7 +13,8 @@ import torch
 
 from ...scheduler import PerflowScheduler
 from ..analytic import AnalyticDigitsDenoiser
-from .models import ConstantOutputModel, CountingModel, run_pipeline
+from ..pipeline import run_pipeline
+from .models import ConstantOutputModel, CountingModel
 from .peers import SD15_SCHEDULE, ComfyDenoiser, ComfyEnvironment, analytic_eps
 from .perflow_rows import perflow_segments_for, perflow_settings
 

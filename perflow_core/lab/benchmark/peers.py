@@ -14,8 +14,9 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 
 from ..analytic import AnalyticDigitsDenoiser
+from ..pipeline import run_pipeline
 from .endpoints import Endpoint, SamplerRun, endpoint_from_sigma
-from .models import CountingModel, run_pipeline
+from .models import CountingModel
 from .rows import Row, Workload
 
 SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}

@@ -16,8 +16,9 @@ from ...scheduler import PerflowScheduler
 from ...settings import PerflowSettings
 from ...solver import perflow_step
 from ..analytic import solve_probability_flow_ode
+from ..pipeline import run_pipeline
 from .endpoints import Endpoint, ExactPath, SamplerRun
-from .models import CountingModel, StudentEpsModel, run_pipeline
+from .models import CountingModel, StudentEpsModel
 from .peers import ComfyEnvironment, comfy_rows, diffusers_rows, network_eps
 from .rows import ModelResult, Row, Workload
 
