@@ -55,16 +55,8 @@ class ConstantOutputModel(torch.nn.Module):
 
     def __init__(self, output: torch.Tensor, config: Any):
         super().__init__()
-        self.output = output
-        self.config = config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.output.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.output.device
+        self.output, self.config = output, config
+        self.dtype, self.device = output.dtype, output.device
 
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         return SimpleNamespace(sample=self.output)
