@@ -1,7 +1,7 @@
 """Loading the node pack in ComfyUI imports no research module (``perflow_core.lab``) and no diffusers.
 
 A fresh interpreter (ComfyUI's, the one running these tests) imports ComfyUI as main.py does (its folder first
-on sys.path, ``args.cpu``), then loads ``custom_nodes/comfyui-perflow`` (a link to this repository) with
+on sys.path, ``args.cpu``, its own ``--base-directory``), then loads ``custom_nodes/comfyui-perflow`` (a link to this repository) with
 ComfyUI's own ``nodes.load_custom_node`` and reports what it registered and which modules were imported.
 """
 
@@ -21,10 +21,11 @@ pytestmark = requires_comfyui
 LOAD_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
-    comfy_path, pack_folder = sys.argv[1:3]
+    comfy_path, pack_folder, base_directory = sys.argv[1:4]
     sys.path.insert(0, comfy_path)
     from comfy.cli_args import args
     args.cpu = True
+    args.base_directory = base_directory
     import nodes
     loaded = asyncio.run(nodes.load_custom_node(pack_folder))
     print(json.dumps({
@@ -41,7 +42,7 @@ def test_loading_the_pack_imports_no_research_code_and_no_diffusers(tmp_path):
     pack_folder = tmp_path / "custom_nodes" / PACK_NAME
     pack_folder.symlink_to(REPO_ROOT, target_is_directory=True)
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, os.path.abspath(COMFYUI_PATH), str(pack_folder)],
+        [sys.executable, "-c", LOAD_SCRIPT, os.path.abspath(COMFYUI_PATH), str(pack_folder), str(tmp_path)],
         cwd=tmp_path,
         env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
         capture_output=True,

@@ -35,9 +35,12 @@ output is finite and of order one.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -265,8 +268,6 @@ def _perflow_entries(perflow: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, s
 def _perflow_entries_of_settings(settings: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """The perflow.* tensors and metadata that the pack's writer stores for ``settings`` (the pack's
     ``PerflowSettings``), read back from a small theta file (the writer's public API)."""
-    import tempfile
-
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory() as folder:
@@ -310,7 +311,9 @@ def tiny_sd15_checkpoint(tmp_path_factory) -> Path:
 def import_comfy():
     """Put COMFYUI_PATH on sys.path, force the CPU, import the comfy modules the tests use; returns ``comfy``.
 
-    ``args.cpu`` must be set before anything imports comfy.model_management (which probes CUDA on import).
+    ``args.cpu`` must be set before anything imports comfy.model_management (which probes CUDA on import), and
+    ``args.base_directory`` (a temporary folder, as the server's --base-directory) before folder_paths is imported:
+    ComfyUI writes input/, temp/ and output/ there, never into COMFYUI_PATH (read-only in CI).
     """
     if not COMFYUI_PATH:
         pytest.skip("COMFYUI_PATH is not set: real-ComfyUI tests skipped (point it at a ComfyUI checkout)")
@@ -324,6 +327,9 @@ def import_comfy():
         from comfy.cli_args import args
 
         args.cpu = True
+        if "folder_paths" not in sys.modules:
+            args.base_directory = tempfile.mkdtemp(prefix="perflow_comfy_inprocess_")
+            atexit.register(shutil.rmtree, args.base_directory, ignore_errors=True)
     import comfy
     import comfy.model_management
     import comfy.model_sampling
