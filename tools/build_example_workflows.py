@@ -3,12 +3,12 @@
 Each graph is built in headless Chromium with the frontend's own LiteGraph (createNode, connect,
 widget values), then saved twice:
     example_workflows/<name>.json          app.graph.serialize()            (UI format, template browser)
-    tests/workflows_api/<name>_api.json    (await app.graphToPrompt()).output  (API format, POST /prompt)
+    tests/comfyui/workflows_api/<name>_api.json    (await app.graphToPrompt()).output  (API format, POST /prompt)
 Each workflow is then queued in the page and must produce an image; a thumbnail of the canvas is saved
 as example_workflows/<name>.jpg (the template browser shows <name>.jpg next to <name>.json).
 
 Usage (starts its own headless server with the tiny test models, like the tests):
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tests/workflows_api/build_example_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI .venv-comfy/bin/python tools/build_example_workflows.py
 or against a running server that has the test models: ... build_example_workflows.py --url http://127.0.0.1:8188
 """
 
@@ -21,11 +21,9 @@ import sys
 import uuid
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' support package
 
-import comfyui_server as cs  # noqa: E402
+from support import server as cs  # noqa: E402
 
 POSITIVE = "a watercolor painting of a lighthouse on a cliff at sunset, soft light"
 NEGATIVE = "blurry, low quality, watermark"

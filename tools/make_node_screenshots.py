@@ -1,11 +1,11 @@
 """Maintainer script: one PNG per PeRFlow node, for the README (docs/nodes/<NodeId>.png).
 
-Starts the test server of tests/comfyui_server.py (tiny checkpoint, theta file, this pack installed) and the
+Starts the test server of tests/support/server.py (tiny checkpoint, theta file, this pack installed) and the
 real ComfyUI frontend in headless Chromium, then for each node: clears the canvas, creates the node alone
 (LiteGraph.createNode + app.graph.add), zooms in so it is legible, and saves a tight crop of the node (title
 bar included, a small margin) taken from its bounding box converted to screen coordinates.
 
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python tests/make_node_screenshots.py [--scale 1.4] [NodeId ...]
+    COMFYUI_PATH=/path/to/ComfyUI .venv-comfy/bin/python tools/make_node_screenshots.py [--scale 1.4] [NodeId ...]
 
 Needs the playwright python package and a Chromium (default /usr/bin/chromium, or PERFLOW_CHROMIUM); it never
 downloads a browser. Each PNG is kept under 150 KB (palette-quantised if the plain PNG is larger).
@@ -19,10 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-REPO_ROOT = TESTS.parent
-sys.path.insert(0, str(REPO_ROOT))  # perflow_core, for the server's base directory
-sys.path.insert(0, str(TESTS))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tests' support package
 
 OUT_DIR = REPO_ROOT / "docs" / "nodes"
 MAX_BYTES = 150_000
@@ -136,7 +134,7 @@ def main(argv=None) -> int:
 
     if not os.environ.get("COMFYUI_PATH"):
         parser.error("set COMFYUI_PATH to a ComfyUI checkout (and run this with its python)")
-    from comfyui_server import PERFLOW_NODE_IDS, acquire_server, browser_unavailable_reason, close_dialogs, launch_chromium, open_app, release_server
+    from support.server import PERFLOW_NODE_IDS, acquire_server, browser_unavailable_reason, close_dialogs, launch_chromium, open_app, release_server
 
     reason = browser_unavailable_reason()
     if reason:

@@ -149,25 +149,14 @@ class AnalyticDigitsDenoiser(ModelMixin, ConfigMixin):
         Returns:
             `torch.Tensor`: float64 tensor shaped like `sample`.
         """
-        x, alpha, mixture_mean = self._posterior_terms(sample, alpha)
-        variance = self._marginal_variance(alpha)
+        x, alpha, mixture_mean, variance = self._posterior_terms(sample, alpha)
         # E[x0 | x_t, i] = mu_i + c (x_t - sqrt(a) mu_i) with c = s^2 sqrt(a) / v, and 1 - c sqrt(a) = (1 - a) / v.
         x_weight = self.config.smoothing**2 * alpha.sqrt() / variance
         return (x_weight * x + (1.0 - alpha) / variance * mixture_mean).view_as(sample)
 
     def eps_prediction(self, sample: torch.Tensor, alpha: NoiseLevel) -> torch.Tensor:
-        """
-        Exact posterior mean `E[eps | x_t = sample]` at signal level `alpha`.
-
-        Args:
-            sample (`torch.Tensor`): Noisy images `[B, 1, 8, 8]`.
-            alpha (`float` or `torch.Tensor`): Signal level(s) in `[0, 1]`, a number or a `[B]` tensor.
-
-        Returns:
-            `torch.Tensor`: float64 tensor shaped like `sample`.
-        """
-        x, alpha, mixture_mean = self._posterior_terms(sample, alpha)
-        variance = self._marginal_variance(alpha)
+        """Exact posterior mean `E[eps | x_t = sample]`; arguments and result as in [`x0_prediction`]."""
+        x, alpha, mixture_mean, variance = self._posterior_terms(sample, alpha)
         # E[eps | x_t, i] = sqrt(1 - a) (x_t - sqrt(a) mu_i) / v; no division by sqrt(1 - a), so exact up to a = 1.
         return ((1.0 - alpha).sqrt() / variance * (x - alpha.sqrt() * mixture_mean)).view_as(sample)
 
@@ -203,8 +192,9 @@ class AnalyticDigitsDenoiser(ModelMixin, ConfigMixin):
 
     def _posterior_terms(
         self, sample: torch.Tensor, alpha: NoiseLevel
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flattened float64 sample `[B, D]`, alpha as `[B, 1]`, and the posterior average of the means `[B, D]`."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flattened float64 sample `[B, D]`, alpha as `[B, 1]`, the posterior average of the means `[B, D]` and the
+        marginal variance `[B, 1]`."""
         x = sample.to(device=self.digit_pixels.device, dtype=torch.float64).reshape(sample.shape[0], -1)
         alpha = self._alpha_column(alpha, batch_size=x.shape[0])
         means, keys = self._flat_means_and_keys()
@@ -213,7 +203,7 @@ class AnalyticDigitsDenoiser(ModelMixin, ConfigMixin):
         mixture_mean = torch.cat(
             [self._component_posterior(rows, alphas, keys) @ means for rows, alphas in row_blocks]
         )
-        return x, alpha, mixture_mean
+        return x, alpha, mixture_mean, self._marginal_variance(alpha)
 
     def _flat_means_and_keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Float64 means `[N, D]` and rows `[mu_i, |mu_i|^2]` `[N, D + 1]`, recomputed when the data buffer changes."""

@@ -1,4 +1,5 @@
-"""`perflow` command line."""
+"""The `perflow` command line: `demo` (the embedded student against its teacher), `train-student`, `calibrate`,
+`write-theta`, and `bench` (handed to `perflow_core.lab.benchmark`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A small unconditional DiffusionPipeline: any `(sample, timestep) -> output` model plus a scheduler."""
+"""A small unconditional DiffusionPipeline (any `(sample, timestep) -> output` model plus a scheduler) and
+`run_pipeline`, its samples from given noise."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ class UnconditionalPipeline(DiffusionPipeline):
                 callback_on_step_end(i, int(t), sample)
         images = sample if output_type == "pt" else to_images(sample, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def run_pipeline(model: torch.nn.Module, scheduler, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """``UnconditionalPipeline`` samples (data space, unclipped) from ``noise``."""
+    pipeline = UnconditionalPipeline(unet=model, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(latents=noise, num_inference_steps=steps, output_type="pt").images
 
 
 def to_images(sample: torch.Tensor, output_type: str = "np"):

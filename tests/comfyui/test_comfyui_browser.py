@@ -1,5 +1,5 @@
 """The real ComfyUI frontend in headless Chromium (Playwright, sync API) against the test server of
-tests/comfyui_server.py: node search finds the PeRFlow nodes, every example workflow loads without missing
+tests/support/server.py: node search finds the PeRFlow nodes, every example workflow loads without missing
 nodes, and queueing the txt2img example shows the generated image.
 
 Needs COMFYUI_PATH, the playwright python package and a Chromium (default /usr/bin/chromium, or

@@ -1,13 +1,14 @@
 """The nodes inside a real ComfyUI, in-process on the CPU, with a tiny random SD1.5 checkpoint.
 
 Run with ComfyUI's environment:
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/test_comfyui_inprocess.py -q
+    COMFYUI_PATH=/path/to/ComfyUI .venv-comfy/bin/pytest tests/comfyui/test_comfyui_inprocess.py -q
+(or all of tests/comfyui through ``python tools/run_tests.py``).
 Without COMFYUI_PATH every test here is skipped.
 
 Parity (``test_parity_with_original_step_loop``) compares, on the same tiny network and the same
 initial noise, (a) ComfyUI's SamplerCustomAdvanced with our PeRFlow Sampler and Scheduler nodes and a
-CFGGuider, and (b) ``perflow_core.PerflowScheduler``'s own step loop calling the same ComfyUI diffusion
-network as the original pipeline calls its UNet: the sample as it is (no c_in), ``timestep = t``
+CFGGuider, and (b) ``PerflowScheduler``'s own step loop (the pack's copy, ``pack_core()``) calling the
+same ComfyUI diffusion network as the original pipeline calls its UNet: the sample as it is (no c_in), ``timestep = t``
 (1000, 875, ...) as a float tensor, the CLIPTextEncode conditioning tensors as context, CFG combined
 by hand. The comparison is in the model's latent space: SamplerCustomAdvanced returns
 ``process_latent_out(samples)`` (SD1.5: divided by 0.18215), so its output goes through
@@ -30,6 +31,7 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     PACK_NAME,
     build_tiny_sd15_checkpoint,
     comfy,
+    pack_core,
     parameter_counts,
     perflow_pack,
     requires_comfyui,
@@ -160,10 +162,8 @@ def comfy_sample(env, model, choice, steps, cfg, noise, latent=None, denoise=1.0
 
 def reference_sample(env, model, prediction_type, theta_rows, steps, cfg, noise):
     """The original PeRFlow loop: PerflowScheduler steps on the raw UNet output, UNet(z, t, context)."""
-    from perflow_core import PerflowScheduler
-
     network = model.model.diffusion_model
-    scheduler = PerflowScheduler(segments=4, theta_init=theta_rows, prediction_type=prediction_type)
+    scheduler = pack_core().PerflowScheduler(segments=4, theta_init=theta_rows, prediction_type=prediction_type)
     scheduler.set_timesteps(steps)
     cond, uncond = env.positive[0][0], env.negative[0][0]
     z = noise.clone()
@@ -268,9 +268,7 @@ def test_img2img_start_and_parity(env, denoise, grid):
     with recorded_timesteps(env.model) as calls:
         out = comfy_sample(env, env.model, choice, 4, 1.0, noise, latent=latent, denoise=denoise)
     assert flat(calls) == [float(t) for t in grid]
-    from perflow_core import PerflowScheduler
-
-    scheduler = PerflowScheduler(segments=4, theta_init=THETA_ROWS, prediction_type="diff_eps")
+    scheduler = pack_core().PerflowScheduler(segments=4, theta_init=THETA_ROWS, prediction_type="diff_eps")
     total = int(4 / denoise)
     scheduler.set_timesteps(total)
     scheduler.set_begin_index(total - 4)

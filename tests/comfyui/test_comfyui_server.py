@@ -2,7 +2,7 @@
 example workflows and a small calibrate-and-save graph run through the HTTP API, and bad inputs give a
 readable execution error.
 
-The server (headless, --cpu, tiny SD1.5-architecture checkpoint) comes from tests/comfyui_server.py; its
+The server (headless, --cpu, tiny SD1.5-architecture checkpoint) comes from tests/support/server.py; its
 log is kept in test-artifacts/comfyui_server.log. Skipped when COMFYUI_PATH is not set (CI has no ComfyUI).
 """
 

@@ -1,4 +1,4 @@
-"""Spec of piecewise reflow training (`perflow_core.reflow`) and of the shipped digits student."""
+"""Spec of piecewise reflow training (`perflow_core.lab.reflow`) and of the shipped digits student."""
 
 import dataclasses
 import json
@@ -24,7 +24,7 @@ from perflow_core.lab.reflow import (
     noise_to_window_start,
     reflow_target,
     rmse,
-    sample_perflow,
+    perflow_pipeline_samples,
     save_student,
     smoothed_digits_source,
     student_training,
@@ -264,8 +264,8 @@ def test_the_shipped_student_at_4_steps_beats_perflow_on_the_teacher(shipped, va
     model, settings = shipped
     noise, exact = validation
     teacher = AnalyticDigitsDenoiser(smoothing=0.05)
-    student_error = rmse(sample_perflow(model, settings, noise, 4), exact)
-    teacher_error = rmse(sample_perflow(teacher, PerflowSettings(prediction_type="ddim_eps"), noise, 4), exact)
+    student_error = rmse(perflow_pipeline_samples(model, settings, noise, 4), exact)
+    teacher_error = rmse(perflow_pipeline_samples(teacher, PerflowSettings(prediction_type="ddim_eps"), noise, 4), exact)
     assert student_error < 0.8 * teacher_error
 
 
@@ -274,7 +274,7 @@ def test_the_shipped_students_stored_theta_lowers_its_4_step_error(shipped, vali
     noise, exact = validation
     assert not settings.theta_is_zero
     plain = dataclasses.replace(settings, theta=None)
-    assert rmse(sample_perflow(model, settings, noise, 4), exact) < 0.98 * rmse(sample_perflow(model, plain, noise, 4), exact)
+    assert rmse(perflow_pipeline_samples(model, settings, noise, 4), exact) < 0.98 * rmse(perflow_pipeline_samples(model, plain, noise, 4), exact)
 
 
 def test_the_shipped_student_records_how_it_was_trained_and_calibrated():

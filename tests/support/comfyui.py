@@ -6,6 +6,9 @@
   detects as SD1.x. It does not import ComfyUI, so server tests can build it in the test process.
 * ``import_comfy()`` / ``import_pack()``: ComfyUI in-process on the CPU and this repository as the
   package ``comfyui_perflow_pack`` (as ComfyUI imports it from ``custom_nodes/``).
+* ``pack_core(submodule="")``: the pack's own ``perflow_core`` (``comfyui_perflow_pack.perflow_core``), also in
+  a process without ComfyUI (the server tests). The ComfyUI tests never import the top-level ``perflow_core``:
+  the code is loaded once, as the pack.
 * session fixtures ``tiny_sd15_checkpoint`` (built once per session), ``comfy``, ``perflow_pack`` and
   ``tiny_sd15`` (MODEL, CLIP, VAE loaded from the tiny checkpoint). Import them into a test module.
 
@@ -32,9 +35,12 @@ output is finite and of order one.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -218,8 +224,8 @@ def build_tiny_sd15_checkpoint(path, perflow=None, seed: int = 0):
 
     Args:
         path: destination file (its folder must exist); a ``str`` or ``os.PathLike``.
-        perflow: optional PeRFlow settings to store in ``perflow.*`` entries: a
-            ``perflow_core.settings.PerflowSettings`` (written with the project's own writer's layout),
+        perflow: optional PeRFlow settings to store in ``perflow.*`` entries: the pack's
+            ``PerflowSettings`` (``pack_core().PerflowSettings``, written by the pack's own writer),
             or a dict with any of ``theta`` ([K, 3] or [K]), ``segments`` (int), ``segment_boundaries``
             (list), ``prediction_type`` (str), ``version`` (str), stored as given.
         seed: seed of the random weights (same seed, same file contents).
@@ -260,29 +266,13 @@ def _perflow_entries(perflow: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, s
 
 
 def _perflow_entries_of_settings(settings: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The perflow.* tensors and metadata that perflow_core's writer stores for ``settings`` (through a
-    small theta file: the writer's public API)."""
-    import tempfile
-
+    """The perflow.* tensors and metadata that the pack's writer stores for ``settings`` (the pack's
+    ``PerflowSettings``), read back from a small theta file (the writer's public API)."""
     from safetensors import safe_open
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from perflow_core.checkpoint import save_theta_file
-    from perflow_core.settings import PerflowSettings
-
-    if not isinstance(settings, PerflowSettings):  # e.g. the pack's own copy (comfyui_perflow_pack.perflow_core)
-        settings = PerflowSettings(
-            segments=settings.segments,
-            segment_boundaries=settings.segment_boundaries,
-            theta=settings.theta,
-            prediction_type=settings.prediction_type,
-            version=settings.version,
-            num_train_timesteps=settings.num_train_timesteps,
-        )
     with tempfile.TemporaryDirectory() as folder:
         theta_path = Path(folder) / "theta.safetensors"
-        save_theta_file(theta_path, settings)
+        pack_core("checkpoint").save_theta_file(theta_path, settings)
         with safe_open(str(theta_path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = {key: value for key, value in (handle.metadata() or {}).items() if key.startswith("perflow.")}
@@ -321,13 +311,15 @@ def tiny_sd15_checkpoint(tmp_path_factory) -> Path:
 def import_comfy():
     """Put COMFYUI_PATH on sys.path, force the CPU, import the comfy modules the tests use; returns ``comfy``.
 
-    ``args.cpu`` must be set before anything imports comfy.model_management (which probes CUDA on import).
+    ``args.cpu`` must be set before anything imports comfy.model_management (which probes CUDA on import), and
+    ``args.base_directory`` (a temporary folder, as the server's --base-directory) before folder_paths is imported:
+    ComfyUI writes input/, temp/ and output/ there, never into COMFYUI_PATH (read-only in CI).
     """
     if not COMFYUI_PATH:
         pytest.skip("COMFYUI_PATH is not set: real-ComfyUI tests skipped (point it at a ComfyUI checkout)")
     path = str(Path(COMFYUI_PATH).resolve())
     if not sys.path or sys.path[0] != path:
-        # First on the path: ComfyUI's top-level `nodes` module must win over this repository's `nodes` package.
+        # First on the path, as when main.py runs: ComfyUI's `nodes`, `utils`, ... are top-level modules.
         if path in sys.path:
             sys.path.remove(path)
         sys.path.insert(0, path)
@@ -335,6 +327,9 @@ def import_comfy():
         from comfy.cli_args import args
 
         args.cpu = True
+        if "folder_paths" not in sys.modules:
+            args.base_directory = tempfile.mkdtemp(prefix="perflow_comfy_inprocess_")
+            atexit.register(shutil.rmtree, args.base_directory, ignore_errors=True)
     import comfy
     import comfy.model_management
     import comfy.model_sampling
@@ -349,19 +344,38 @@ def import_comfy():
     return comfy
 
 
-def import_pack():
-    """This repository imported as the package ``comfyui_perflow_pack`` (like ComfyUI's custom_nodes import);
-    returns its ``nodes`` subpackage."""
-    import_comfy()
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
+def load_pack():
+    """This repository as the package ``comfyui_perflow_pack``, loaded once, as ComfyUI's
+    ``nodes.load_custom_node`` loads a custom node folder: ``spec_from_file_location(<name>, <folder>/__init__.py)``,
+    which makes the folder the package path. Its ``__init__`` registers the nodes only when ``comfy_api`` is
+    importable, so in a process without ComfyUI (the server tests) this gives the pack's ``perflow_core`` alone."""
+    pack = sys.modules.get(PACK_NAME)
+    if pack is None:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py")
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = pack
         try:
-            spec.loader.exec_module(module)
+            spec.loader.exec_module(pack)
         except BaseException:
             del sys.modules[PACK_NAME]
             raise
+    return pack
+
+
+def pack_core(submodule: str = ""):
+    """The pack's own ``perflow_core`` (or one of its modules, e.g. ``pack_core("checkpoint")``)."""
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.perflow_core" + (f".{submodule}" if submodule else ""))
+
+
+def import_pack():
+    """The pack loaded in ComfyUI (see ``load_pack``); returns its ``nodes`` subpackage."""
+    import_comfy()
+    pack = load_pack()
+    if not hasattr(pack, "comfy_entrypoint"):
+        # Loaded earlier in this process without ComfyUI (pack_core() for the server's files): its __init__ runs
+        # again now that comfy_api is importable; the modules it already loaded are not loaded again.
+        pack.__spec__.loader.exec_module(pack)
     return importlib.import_module(PACK_NAME + ".nodes")
 
 

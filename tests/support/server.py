@@ -1,6 +1,7 @@
 """A headless ComfyUI server with this pack installed, shared by the ComfyUI end-to-end tests.
 
-Not a test module: `test_comfyui_server.py` and `test_comfyui_browser.py` import `comfy_server` from here.
+Not a test module: tests/comfyui/test_comfyui_server.py and test_comfyui_browser.py import `comfy_server` from here,
+tools/build_example_workflows.py and tools/make_node_screenshots.py the server itself.
 Both get the same server (one per pytest session): `acquire_server()` starts it on first use and
 `release_server()` stops it when the last user is done.
 
@@ -77,11 +78,11 @@ SERVER_START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = float(os.environ.get("PERFLOW_COMFY_PROMPT_TIMEOUT", "600"))
 
 try:  # tests/support/comfyui.py: where ComfyUI is and the tiny checkpoint builder
-    from .comfyui import COMFYUI_PATH, build_tiny_sd15_checkpoint, requires_comfyui
+    from .comfyui import COMFYUI_PATH, build_tiny_sd15_checkpoint, pack_core, requires_comfyui
 except ImportError as _error:  # pragma: no cover - the support module is missing or broken
     _SUPPORT_ERROR: Optional[str] = f"tests/support/comfyui.py could not be imported: {_error}"
     COMFYUI_PATH = os.environ.get("COMFYUI_PATH") or None
-    build_tiny_sd15_checkpoint = None  # type: ignore[assignment]
+    build_tiny_sd15_checkpoint = pack_core = None  # type: ignore[assignment]
     requires_comfyui = pytest.mark.skipif(True, reason=_SUPPORT_ERROR)
 else:
     _SUPPORT_ERROR = None
@@ -259,9 +260,7 @@ def _write_delta(checkpoint: Path, out: Path) -> None:
 
 
 def prepare_base_directory(base: Path) -> None:
-    from perflow_core.checkpoint import save_theta_file
-    from perflow_core.settings import PerflowSettings
-
+    PerflowSettings, save_theta_file = pack_core().PerflowSettings, pack_core("checkpoint").save_theta_file
     for folder in ("custom_nodes", "models/checkpoints", "models/perflow_deltas", THETA_FOLDER, "input", "output", "user/default"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)

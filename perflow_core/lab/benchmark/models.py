@@ -1,0 +1,87 @@
+"""The models a benchmark pipeline runs: call-counting and free stand-ins, and a student read as an eps model."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ...noise_schedule import alphas_cumprod_for
+from ...parameterization import clean_estimate, velocity_and_window_end
+from ...settings import PerflowSettings
+
+
+class ModelWrapper(torch.nn.Module):
+    """A module around ``self.model`` that a pipeline takes for the model (its config, dtype and device)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+class CountingModel(ModelWrapper):
+    """Wraps a ``model(sample, timestep)`` for a pipeline: counts calls and shifts the timestep.
+
+    The analytic model reads model timestep ``tau`` at ``alphas_cumprod[tau - 1]`` (PeRFlow's
+    convention); diffusers' schedulers mean ``alphas_cumprod[t]``, so they need ``timestep_offset=1``.
+    """
+
+    def __init__(self, model: torch.nn.Module, timestep_offset: float = 0.0):
+        super().__init__(model)
+        self.timestep_offset = timestep_offset
+        self.calls = 0
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.model(sample, timestep + self.timestep_offset, **kwargs)
+
+
+class ConstantOutputModel(torch.nn.Module):
+    """A free 'network' returning a fixed tensor: what is left of a sampling loop is the sampler's own cost."""
+
+    def __init__(self, output: torch.Tensor, config: Any):
+        super().__init__()
+        self.output, self.config = output, config
+        self.dtype, self.device = output.dtype, output.device
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+        return SimpleNamespace(sample=self.output)
+
+
+class StudentEpsModel(ModelWrapper):
+    """A PeRFlow student read as an eps model, so any diffusers solver can sample it.
+
+    At ``(z, t)`` the student predicts its window's straight line; the line's two ends ``z_s``, ``z_e`` are put
+    on one deterministic DDIM trajectory, ``z = sqrt(a) x0 + sqrt(1 - a) eps`` with the same x0 and eps
+    (`perflow_core.parameterization.clean_estimate` solves it for x0), and that eps is returned. Timesteps are PeRFlow's (use
+    ``CountingModel(..., timestep_offset=1)`` under a diffusers scheduler).
+    """
+
+    def __init__(self, student: torch.nn.Module, settings: PerflowSettings):
+        super().__init__(student)
+        self.prediction_type = settings.prediction_type
+        self.segments = settings.build_segments()
+        self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps=settings.num_train_timesteps)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        window = self.segments.window(t, t, self.alphas_cumprod)
+        velocity, _ = velocity_and_window_end(self.prediction_type, self.model(sample, t).sample, sample, window)
+        x0 = clean_estimate(sample, velocity, window)
+        z_start = sample + (window.t_start - window.t) * velocity
+        eps = (z_start - math.sqrt(window.alpha_start) * x0) / math.sqrt(1 - window.alpha_start)
+        return SimpleNamespace(sample=eps)

@@ -1,0 +1,87 @@
+"""The results: a sampler's row of errors per NFE, a model's table of rows, and the workload they are measured on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ...calibration import rmse
+from ..analytic import AnalyticDigitsDenoiser
+from .endpoints import ExactPath, SamplerRun, map_to_sigma_zero
+
+
+@dataclass
+class Row:
+    """One sampler's errors per NFE (RMSE to the exact solution at sigma 0)."""
+
+    sampler: str
+    family: str
+    note: str = ""
+    teacher: Optional[str] = None
+    errors: Dict[int, float] = field(default_factory=dict)
+    errors_x0_map: Dict[int, float] = field(default_factory=dict)
+    calls: Dict[int, int] = field(default_factory=dict)
+    steps: Dict[int, int] = field(default_factory=dict)
+    endpoints: Dict[int, str] = field(default_factory=dict)
+    theta: Dict[int, List[List[float]]] = field(default_factory=dict)
+    best_of: Dict[int, str] = field(default_factory=dict)
+    mapped: Dict[int, bool] = field(default_factory=dict)
+
+    def record(self, nfe: int, run: SamplerRun, steps: int, reference: torch.Tensor, model: AnalyticDigitsDenoiser) -> None:
+        self.errors[nfe] = rmse(map_to_sigma_zero(model, run.final, run.endpoint, "ode"), reference)
+        self.errors_x0_map[nfe] = rmse(map_to_sigma_zero(model, run.final, run.endpoint, "x0"), reference)
+        self.calls[nfe], self.steps[nfe], self.endpoints[nfe] = run.calls, steps, run.endpoint.describe()
+        self.mapped[nfe] = not run.endpoint.at_sigma_zero
+
+    @property
+    def is_mapped(self) -> bool:
+        """Whether some final state lay short of sigma 0 (so the endpoint map changes its errors)."""
+        return any(self.mapped.values())
+
+    def error(self, nfe: int, endpoint_map: str) -> Optional[float]:
+        return (self.errors if endpoint_map == "ode" else self.errors_x0_map).get(nfe)
+
+    def as_json(self) -> Dict[str, Any]:
+        keyed = lambda values: {str(k): v for k, v in values.items()}  # noqa: E731
+        return {
+            "sampler": self.sampler,
+            "family": self.family,
+            "note": self.note,
+            "teacher": self.teacher,
+            "errors": keyed(self.errors),
+            "errors_x0_map": keyed(self.errors_x0_map),
+            "calls": keyed(self.calls),
+            "steps": keyed(self.steps),
+            "endpoints": keyed(self.endpoints),
+            "theta": keyed(self.theta),
+            "best_of": keyed(self.best_of),
+        }
+
+
+@dataclass
+class ModelResult:
+    """A model's rows and what its table needs to say."""
+
+    title: str
+    smoothing: float
+    rows: List[Row]
+    notes: List[str] = field(default_factory=list)
+
+    def row(self, sampler: str) -> Optional[Row]:
+        return next((r for r in self.rows if r.sampler == sampler), None)
+
+    def best_peer(self, nfe: int, endpoint_map: str = "ode") -> Optional[Row]:
+        peers = [r for r in self.rows if r.family in ("diffusers", "comfyui") and r.error(nfe, endpoint_map) is not None]
+        return min(peers, key=lambda r: r.error(nfe, endpoint_map), default=None)
+
+
+@dataclass
+class Workload:
+    """The noise and exact solutions one model is measured with."""
+
+    model: AnalyticDigitsDenoiser
+    held_out: ExactPath
+    fit: ExactPath
+    nfes: Sequence[int]
