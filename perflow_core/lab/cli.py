@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,7 +64,8 @@ def analytic_model_fn(smoothing: float):
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """Fit theta for the analytic model or a trained student; write a theta file (and optionally a checkpoint copy)."""
-    from ..calibration import calibrate_theta, ode_teacher, StudentPlan
+    from ..calibration import calibrate_theta, ode_teacher
+    from ..sampling import SamplingPlan
     from ..checkpoint import save_theta_file, write_perflow_checkpoint
     from ..noise_schedule import alphas_cumprod_for
 
@@ -82,9 +82,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.teacher == "exact":
         denoiser = AnalyticDigitsDenoiser(smoothing=smoothing)
         solve = lambda z, alpha_from, alpha_to: solve_probability_flow_ode(denoiser, z, alpha_from, alpha_to)  # noqa: E731
-        teacher = ode_teacher(solve, StudentPlan.build(settings, args.steps, alphas))
+        teacher = ode_teacher(solve, SamplingPlan.for_steps(settings, args.steps, alphas))
     report = calibrate_theta(model_fn, settings, args.steps, alphas, fit, held_out, teacher, args.teacher_multiplier)
-    learned = dataclasses.replace(settings, theta=report.theta)
+    learned = settings.replace(theta=report.theta)
     save_theta_file(args.output, learned)
     teacher_name = (
         f"the exact probability-flow ODE of the analytic model (smoothing {smoothing})"
@@ -133,7 +133,7 @@ def _calibration_model(args: argparse.Namespace):
             return student(z.float(), timestep).sample.to(z.dtype)
 
     described = f"student {args.student} (its teacher: analytic digits, smoothing {smoothing})"
-    return model_fn, dataclasses.replace(settings, theta=None), smoothing, described
+    return model_fn, settings.replace(theta=None), smoothing, described
 
 
 def run_write_theta(args: argparse.Namespace) -> int:

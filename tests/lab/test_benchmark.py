@@ -16,7 +16,7 @@ from perflow_core.lab.benchmark import (
     STUDENT_PATH,
     Endpoint,
     StudentEpsModel,
-    StudentPlan,
+    SamplingPlan,
     _with_levels,
     boundary_levels,
     build_workload,
@@ -130,10 +130,10 @@ def test_variance_exploding_states_are_rescaled_before_mapping(model, noise):
 
 
 def test_exact_teacher_targets_are_exact_at_window_ends_and_on_the_line_inside(model, noise):
-    plan = StudentPlan.build(perflow_settings(8), 8, model.alphas_cumprod)
+    plan = SamplingPlan.for_steps(perflow_settings(8), 8, model.alphas_cumprod)
     path = exact_path(model, noise, boundary_levels(model.alphas_cumprod, [4]))
     targets = exact_ode_teacher(plan, [path])(noise.clone())
-    for target, window in zip(targets, plan.windows):
+    for target, window in zip(targets, plan.steps):
         start, end = path.states[window.alpha_start], path.states[window.alpha_end]
         if window.t_next == window.t_end:
             assert torch.equal(target, end)
@@ -153,7 +153,7 @@ def test_a_ddim_eps_model_read_as_a_student_gives_back_its_eps_at_window_starts(
 
 
 def test_the_calibration_ode_teacher_agrees_with_the_benchmarks_precomputed_one(model, noise):
-    plan = StudentPlan.build(perflow_settings(6), 6, model.alphas_cumprod)
+    plan = SamplingPlan.for_steps(perflow_settings(6), 6, model.alphas_cumprod)
     path = exact_path(model, noise, boundary_levels(model.alphas_cumprod, [4]))
     solve = lambda z, a, b: solve_probability_flow_ode(model, z, a, b)  # noqa: E731
     computed = ode_teacher(solve, plan)(noise.double())

@@ -33,19 +33,19 @@ from perflow_core.lab.reflow import (
 )
 from perflow_core.scheduler import PerflowScheduler
 from perflow_core.settings import PerflowSettings
-from perflow_core.segments import Segments, Window
+from perflow_core.segments import Segments, SegmentStep
 
 SHIPPED_STUDENT = Path(__file__).resolve().parents[2] / "perflow_core" / "lab" / "data" / "perflow_student_digits.safetensors"
 ALPHAS = alphas_cumprod_for()
 WINDOWS = training_windows(Segments.uniform(4), ALPHAS)
 
 
-def at_time(window: Window, t: float) -> Window:
+def at_time(window: SegmentStep, t: float) -> SegmentStep:
     """The window seen from a point at time t inside it (what the sampler passes to the parameterisation)."""
-    return Window(window.index, t, window.t_end, window.t_start, window.t_end, window.alpha_start, window.alpha_end)
+    return SegmentStep(window.index, t, window.t_end, window.t_start, window.t_end, window.alpha_start, window.alpha_end)
 
 
-def window_pair(window: Window, seed: int = 0):
+def window_pair(window: SegmentStep, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     z_start = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
     z_end = 0.7 * z_start + 0.3 * torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
@@ -124,7 +124,7 @@ def gaussian_source(batch_size: int, generator: torch.Generator) -> torch.Tensor
     return 0.5 * torch.randn(batch_size, 1, 8, 8, generator=generator)
 
 
-def shrinking_teacher(z_start: torch.Tensor, window: Window) -> torch.Tensor:
+def shrinking_teacher(z_start: torch.Tensor, window: SegmentStep) -> torch.Tensor:
     return (window.alpha_end / window.alpha_start) ** 0.25 * z_start
 
 
@@ -273,7 +273,7 @@ def test_the_shipped_students_stored_theta_lowers_its_4_step_error(shipped, vali
     model, settings = shipped
     noise, exact = validation
     assert not settings.theta_is_zero
-    plain = dataclasses.replace(settings, theta=None)
+    plain = settings.replace(theta=None)
     assert rmse(perflow_pipeline_samples(model, settings, noise, 4), exact) < 0.98 * rmse(perflow_pipeline_samples(model, plain, noise, 4), exact)
 
 

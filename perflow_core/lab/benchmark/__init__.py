@@ -35,7 +35,8 @@ samplers), ``perflow_rows.py`` (PeRFlow and student rows, calibration costs), ``
 ``report.py`` (ratios, tables, plot), ``run.py`` (the command line).
 """
 
-from ...calibration import StudentPlan, rmse
+from ...calibration import rmse
+from ...sampling import SamplingPlan
 from .endpoints import ENDPOINT_MAPS, FLOW_MAP_STEPS, Endpoint, ExactPath, SamplerRun, endpoint_from_sigma, exact_path, map_to_sigma_zero
 from ..pipeline import run_pipeline
 from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel

@@ -79,7 +79,7 @@ class StudentEpsModel(ModelWrapper):
 
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        window = self.segments.window(t, t, self.alphas_cumprod)
+        window = self.segments.step_at(t, t, self.alphas_cumprod)
         velocity, _ = velocity_and_window_end(self.prediction_type, self.model(sample, t).sample, sample, window)
         x0 = clean_estimate(sample, velocity, window)
         z_start = sample + (window.t_start - window.t) * velocity

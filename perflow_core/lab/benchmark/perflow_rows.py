@@ -3,14 +3,14 @@ the trained student's rows beside the peers run on it, and what each calibration
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ...calibration import CalibrationReport, StudentPlan, Teacher, calibrate_theta, diffusers_model_fn, rmse, window_line_point
+from ...calibration import CalibrationReport, Teacher, calibrate_theta, diffusers_model_fn, rmse, window_line_point
+from ...sampling import SamplingPlan
 from ...noise_schedule import alphas_cumprod_for
 from ...scheduler import PerflowScheduler
 from ...settings import PerflowSettings
@@ -46,7 +46,7 @@ def boundary_levels(alphas_cumprod: torch.Tensor, segment_counts: Sequence[int])
     return sorted(levels)
 
 
-def exact_ode_teacher(plan: StudentPlan, paths: Sequence[ExactPath]) -> Teacher:
+def exact_ode_teacher(plan: SamplingPlan, paths: Sequence[ExactPath]) -> Teacher:
     """Targets for ``calibrate_theta`` from the exact ODE.
 
     At a step that ends a window the target is the exact ODE state at the window's end; inside a window
@@ -55,7 +55,7 @@ def exact_ode_teacher(plan: StudentPlan, paths: Sequence[ExactPath]) -> Teacher:
 
     def teacher(noise: torch.Tensor) -> List[torch.Tensor]:
         path = _path_for(noise, paths)
-        return [window_line_point(path.states, window) for window in plan.windows]
+        return [window_line_point(path.states, window) for window in plan.steps]
 
     teacher.calls_per_sample = 0  # type: ignore[attr-defined]
     return teacher
@@ -75,7 +75,7 @@ CALIBRATED_EXACT_TEACHER = "PeRFlow cal. (exact-ODE teacher)"
 
 def run_perflow(model: torch.nn.Module, settings: PerflowSettings, noise: torch.Tensor, nfe: int) -> SamplerRun:
     """PeRFlow through ``PerflowScheduler`` in the pipeline; it stops at its last window's end."""
-    scheduler = PerflowScheduler(**settings.scheduler_kwargs())
+    scheduler = PerflowScheduler(**settings.to_config())
     counting = CountingModel(model)
     final = run_pipeline(counting, scheduler, noise, nfe)
     return SamplerRun(final, perflow_endpoint(scheduler), counting.calls)
@@ -84,7 +84,7 @@ def run_perflow(model: torch.nn.Module, settings: PerflowSettings, noise: torch.
 def perflow_endpoint(scheduler: PerflowScheduler) -> Endpoint:
     """PeRFlow's last step ends at its last window's end, ``alphas_cumprod[0]`` (VP space)."""
     last = float(scheduler.timesteps[-1])
-    return Endpoint(scheduler.segments.window(last, 0.0, scheduler.alphas_cumprod).alpha_end)
+    return Endpoint(scheduler.segments.step_at(last, 0.0, scheduler.alphas_cumprod).alpha_end)
 
 
 @dataclass
@@ -120,7 +120,7 @@ def perflow_rows(work: Workload, title: str, costs: List[CalibrationCost]) -> Li
 
 
 def _exact_teacher_for(work: Workload, nfe: int) -> Teacher:
-    plan = StudentPlan.build(perflow_settings(nfe), nfe, work.model.alphas_cumprod)
+    plan = SamplingPlan.for_steps(perflow_settings(nfe), nfe, work.model.alphas_cumprod)
     return exact_ode_teacher(plan, [work.fit, work.held_out])
 
 
@@ -170,7 +170,7 @@ def teacher_smoothing_or_default(path: Path, default: float) -> Tuple[float, str
 def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Workload, teacher_result: ModelResult, comfy: Optional[ComfyEnvironment] = None) -> Tuple[List[Row], List[str]]:
     """The student at theta = 0, calibrated per NFE, with its stored theta, and under the diffusers peers,
     all against the exact ODE of its teacher, beside the best peer on the teacher itself."""
-    zero_settings = dataclasses.replace(settings, theta=None)
+    zero_settings = settings.replace(theta=None)
     zero = Row(STUDENT_THETA_ZERO, "student", f"{settings.prediction_type}, K={settings.segments}, NFE = steps", "none")
     calibrated = Row(STUDENT_CALIBRATED, "student", "theta fitted per NFE on the fit seeds", "its teacher's exact ODE at window ends")
     stored = Row(STUDENT_STORED, "student", "the theta stored in the file, at every NFE", "stored in the file")
@@ -178,10 +178,10 @@ def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Work
     usable = [nfe for nfe in work.nfes if nfe >= settings.segments]
     for nfe in usable:
         zero.record(nfe, run_perflow(student, zero_settings, noise, nfe), nfe, reference, work.model)
-        plan = StudentPlan.build(zero_settings, nfe, work.model.alphas_cumprod)
+        plan = SamplingPlan.for_steps(zero_settings, nfe, work.model.alphas_cumprod)
         theta = _calibrate(student, nfe, work, exact_ode_teacher(plan, [work.fit, work.held_out]), zero_settings).theta
         calibrated.theta[nfe] = theta.tolist()
-        calibrated.record(nfe, run_perflow(student, dataclasses.replace(settings, theta=theta), noise, nfe), nfe, reference, work.model)
+        calibrated.record(nfe, run_perflow(student, settings.replace(theta=theta), noise, nfe), nfe, reference, work.model)
         if not settings.theta_is_zero:
             stored.theta[nfe] = settings.theta.tolist()
             stored.record(nfe, run_perflow(student, settings, noise, nfe), nfe, reference, work.model)
@@ -200,9 +200,9 @@ def student_rows(student: torch.nn.Module, settings: PerflowSettings, work: Work
 def student_window_errors(student: torch.nn.Module, settings: PerflowSettings, work: Workload, far: float = 0.2) -> List[str]:
     """Where the student's K-step error comes from: one student step from the exact state at a window's start,
     then the exact ODE the rest of the way, for each window in turn (theta = 0)."""
-    plan = StudentPlan.build(dataclasses.replace(settings, theta=None), settings.segments, work.model.alphas_cumprod)
+    plan = SamplingPlan.for_steps(settings.replace(theta=None), settings.segments, work.model.alphas_cumprod)
     states, lines = work.held_out.states, []
-    for timestep, window in zip(plan.timesteps, plan.windows):
+    for timestep, window in zip(plan.timesteps, plan.steps):
         start = states[window.alpha_start]
         output = student(start.float(), timestep).sample.double()
         end = perflow_step(settings.prediction_type, output, start, window, None, None, 0, timestep).prev_sample
@@ -229,5 +229,5 @@ def _best_peer_row(teacher_result: ModelResult, nfes: Sequence[int]) -> Row:
 def student_levels(settings: PerflowSettings, nfes: Sequence[int]) -> List[float]:
     """The signal levels of every window boundary a student's PeRFlow runs and calibrations need."""
     alphas = alphas_cumprod_for(num_train_timesteps=settings.num_train_timesteps)
-    plans = [StudentPlan.build(settings, nfe, alphas) for nfe in nfes if nfe >= settings.segments]
-    return sorted({level for plan in plans for w in plan.windows for level in (w.alpha_start, w.alpha_end)})
+    plans = [SamplingPlan.for_steps(settings, nfe, alphas) for nfe in nfes if nfe >= settings.segments]
+    return sorted({level for plan in plans for w in plan.steps for level in (w.alpha_start, w.alpha_end)})

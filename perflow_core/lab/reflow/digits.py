@@ -30,7 +30,7 @@ def perflow_pipeline_samples(
 ) -> torch.Tensor:
     """Samples of ``model`` from ``noise`` through ``PerflowScheduler(settings)`` in the pipeline (float32, data
     space, at ``alphas_cumprod[0]``)."""
-    return run_pipeline(model, PerflowScheduler(**settings.scheduler_kwargs()), noise, num_inference_steps)
+    return run_pipeline(model, PerflowScheduler(**settings.to_config()), noise, num_inference_steps)
 
 
 def exact_ode_samples(denoiser: AnalyticDigitsDenoiser, noise: torch.Tensor) -> torch.Tensor:

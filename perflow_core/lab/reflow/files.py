@@ -59,7 +59,7 @@ def load_student(path: Union[str, Path]) -> Tuple[ModelMixin, PerflowSettings]:
 
     Returns:
         ``(model, settings)``: the network in eval mode and the file's [`PerflowSettings`]
-        (``PerflowScheduler(**settings.scheduler_kwargs())`` samples it).
+        (``PerflowScheduler(**settings.to_config())`` samples it).
     """
     settings = read_perflow_settings(path)
     with safe_open(str(path), framework="pt", device="cpu") as handle:

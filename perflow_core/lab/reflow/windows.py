@@ -10,27 +10,27 @@ import torch
 
 from ...noise_schedule import alpha_at_timestep, alphas_cumprod_for, sigma_for_alpha
 from ...parameterization import canonical_prediction_type, window_start_coefficients
-from ...segments import Segments, Window
+from ...segments import Segments, SegmentStep
 from ..analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, solve_probability_flow_ode
 
 DataSource = Callable[[int, torch.Generator], torch.Tensor]
 # teacher(z_start, window) -> z_end: the teacher's ODE solution across one window (unlike calibration's
 # Teacher, which maps noise to the targets of every step).
-WindowTeacher = Callable[[torch.Tensor, Window], torch.Tensor]
+WindowTeacher = Callable[[torch.Tensor, SegmentStep], torch.Tensor]
 
 # The analytic teacher's RK4 grid: 4 steps per unit of log(sigma) land within ~1e-4 RMSE of the exact
 # window end in every window of SD1.5 with K = 4, far below what a student can fit.
 ANALYTIC_TEACHER_STEPS_PER_LOG_SIGMA = 4.0
 
 
-def training_windows(segments: Segments, alphas_cumprod: torch.Tensor) -> List[Window]:
-    """Each segment as a `Window` from its start to its end (``t = t_start``, ``t_next = t_end``)."""
+def training_windows(segments: Segments, alphas_cumprod: torch.Tensor) -> List[SegmentStep]:
+    """Each segment as a `SegmentStep` from its start to its end (``t = t_start``, ``t_next = t_end``)."""
     windows = []
     for k in range(len(segments)):
         i_start, i_end = segments.alpha_indices(k)
         t_s, t_e = segments.starts[k], segments.ends[k]
         alpha_start, alpha_end = float(alphas_cumprod[i_start]), float(alphas_cumprod[i_end])
-        windows.append(Window(k, t_s, t_e, t_s, t_e, alpha_start, alpha_end))
+        windows.append(SegmentStep(k, t_s, t_e, t_s, t_e, alpha_start, alpha_end))
     return windows
 
 
@@ -40,19 +40,19 @@ def window_indices(segments: Segments, t: torch.Tensor) -> torch.Tensor:
     return torch.tensor([segments.index_of(float(value) * scale) for value in t], dtype=torch.long)
 
 
-def noise_to_window_start(x0: torch.Tensor, window: Window, generator: torch.Generator) -> torch.Tensor:
+def noise_to_window_start(x0: torch.Tensor, window: SegmentStep, generator: torch.Generator) -> torch.Tensor:
     """The DDPM marginal at the window start: ``sqrt(a_s) x0 + sqrt(1 - a_s) noise``."""
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     return math.sqrt(window.alpha_start) * x0 + math.sqrt(1.0 - window.alpha_start) * noise
 
 
-def interpolate_in_window(z_start: torch.Tensor, z_end: torch.Tensor, t: torch.Tensor, window: Window) -> torch.Tensor:
+def interpolate_in_window(z_start: torch.Tensor, z_end: torch.Tensor, t: torch.Tensor, window: SegmentStep) -> torch.Tensor:
     """The point at time ``t`` on the straight line from ``z_start`` (at t_s) to ``z_end`` (at t_e)."""
     share = ((window.t_start - t) / (window.t_start - window.t_end)).to(z_start.dtype)
     return torch.lerp(z_start, z_end, share.view(-1, *([1] * (z_start.ndim - 1))))
 
 
-def reflow_target(prediction_type: str, z_start: torch.Tensor, z_end: torch.Tensor, window: Window) -> torch.Tensor:
+def reflow_target(prediction_type: str, z_start: torch.Tensor, z_end: torch.Tensor, window: SegmentStep) -> torch.Tensor:
     """The raw network output that makes the PeRFlow step land on ``z_end`` from anywhere in the window.
 
     ``velocity``: the straight-line slope ``(z_e - z_s) / (t_e - t_s)``. ``diff_eps`` / ``ddim_eps``: the
@@ -99,7 +99,7 @@ class DDIMTeacher:
         self.steps = int(steps)
 
     @torch.no_grad()
-    def __call__(self, z_start: torch.Tensor, window: Window) -> torch.Tensor:
+    def __call__(self, z_start: torch.Tensor, window: SegmentStep) -> torch.Tensor:
         scale = len(self.alphas_cumprod)
         taus = torch.linspace(window.t_start * scale, window.t_end * scale, self.steps + 1, dtype=torch.float64)
         x = z_start
@@ -134,13 +134,13 @@ class AnalyticODETeacher:
         self.steps_per_log_sigma = steps_per_log_sigma
 
     @torch.no_grad()
-    def __call__(self, z_start: torch.Tensor, window: Window) -> torch.Tensor:
+    def __call__(self, z_start: torch.Tensor, window: SegmentStep) -> torch.Tensor:
         z_end = solve_probability_flow_ode(
             self.denoiser, z_start, window.alpha_start, window.alpha_end, steps=self._steps(window)
         )
         return z_end.to(z_start.dtype)
 
-    def _steps(self, window: Window) -> Optional[int]:
+    def _steps(self, window: SegmentStep) -> Optional[int]:
         if self.steps_per_log_sigma is None:
             return None
         span = abs(math.log(sigma_for_alpha(window.alpha_start) / sigma_for_alpha(window.alpha_end)))
