@@ -2,12 +2,14 @@
 
     python -m pip install "torch==2.13.0" -e ".[test]" && python tools/run_tests.py
 
-1. core: pytest on tests/core tests/diffusers_api tests/lab with this interpreter.
+1. core: pytest on tests/core tests/diffusers_api tests/lab with this interpreter (lab tests marked `comfyui` wait
+   for stage 2).
 2. comfyui: when COMFYUI_PATH is set, or ../shared/comfyui exists beside the repository (then COMFYUI_PATH is
    set to it), pytest on tests/comfyui in ComfyUI's own venv, .venv-comfy/ (git-ignored). The first run makes
    it: ComfyUI's requirements less their torch lines, torch==2.14.1 torchvision==0.29.1 (a CPU pair whose
    torchvision works; ComfyUI imports it), the pack's requirements and the test tools. Later runs reuse it
-   while those requirements are the same. The browser tests need a Chromium at /usr/bin/chromium.
+   while those requirements are the same. The browser tests need a Chromium at /usr/bin/chromium. Then the lab
+   tests marked `comfyui` (the benchmark's ComfyUI samplers) run there too, with the repository on sys.path.
 Under CI (CI=true) a skipped ComfyUI test, or a ComfyUI stage that cannot run, is a failure.
 """
 
@@ -93,14 +95,20 @@ def comfyui_stage() -> dict:
     print(f"[run_tests] {COMFY_VENV.name}/ ready after {install_seconds:.0f} s; COMFYUI_PATH={os.environ['COMFYUI_PATH']}", flush=True)
     # The pytest script rather than `python -m pytest`: the repository root stays off sys.path, so the tests reach
     # the code only as ComfyUI does, through the pack (tests/support/comfyui.py).
-    result = run_pytest("comfyui", [str(COMFY_VENV / "bin" / "pytest"), "tests/comfyui", "-rs"], dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    result["seconds"] += install_seconds
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    result = run_pytest("comfyui", [str(COMFY_VENV / "bin" / "pytest"), "tests/comfyui", "-rs"], env)
+    lab = run_pytest("comfyui-lab", [str(COMFY_VENV / "bin" / "pytest"), "tests/lab", "-m", "comfyui", "-rs"], dict(env, PYTHONPATH=str(ROOT)))
+    for key in ("passed", "failed", "skipped"):
+        result[key] += lab[key]
+    result["problem"] = result["problem"] or lab["problem"]
+    result["seconds"] += install_seconds + lab["seconds"]
     result["install_seconds"] = install_seconds
     return result
 
 
 def main() -> int:
-    stages = [run_pytest("core", [sys.executable, "-m", "pytest", "tests/core", "tests/diffusers_api", "tests/lab", "-rs"]), comfyui_stage()]
+    core = [sys.executable, "-m", "pytest", "tests/core", "tests/diffusers_api", "tests/lab", "-m", "not comfyui", "-rs"]
+    stages = [run_pytest("core", core), comfyui_stage()]
     failed = False
     print()
     for result in stages:

@@ -177,6 +177,7 @@ def test_the_student_table_says_how_much_error_each_window_adds(quick_run):
     assert all("RMSE off at the window end" in note and "at sigma 0" in note for note in windows)
 
 
+@pytest.mark.comfyui
 def test_comfyui_euler_on_the_student_takes_the_same_steps_as_diffusers_ddim(noise):
     comfy, why = load_comfy("simple")
     if comfy is None:
