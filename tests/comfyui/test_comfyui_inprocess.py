@@ -501,9 +501,10 @@ def test_nan_theta_is_refused(env):
         env.settings_node.build_choice("diff_eps", 4, "", "nan; 0; 0; 0")
 
 
-def test_steps_below_segments_names_steps(env):
-    with pytest.raises(ValueError, match="steps"):
-        run_node(env.nodes.PerflowSchedulerNode, model=env.model, steps=3, denoise=1.0, perflow=None)
+def test_steps_below_segments_are_raised_to_one_per_segment_with_a_warning(env, caplog):
+    (sigmas,) = run_node(env.nodes.PerflowSchedulerNode, model=env.model, steps=3, denoise=1.0, perflow=None)
+    assert len(sigmas) == 4 + 1
+    assert "steps=3 is below the number of segments K=4" in caplog.text
 
 
 def test_edm_model_is_refused_naming_model(env):

@@ -234,7 +234,7 @@ BAD_INPUTS = {
     # id: (node type, input, value, words the message must contain)
     "theta_nan": ("PerflowSettings", "theta", "nan, 0, 0, 0", ["theta", "NaN"]),
     "theta_text": ("PerflowSettings", "theta", "one; two", ["theta"]),
-    "steps_below_segments": ("PerflowKSampler", "steps", 3, ["steps", "K=4"]),
+    "boundaries_not_decreasing": ("PerflowSettings", "boundaries", "1000, 500, 600, 0", ["boundaries", "strictly decreasing"]),
     "boundaries_disagree": ("PerflowSettings", "boundaries", "999, 500, 0", ["boundaries", "segments"]),
 }
 
