@@ -7,12 +7,12 @@ from comfy_api.latest import ComfyExtension, io
 from .calibration_nodes import PerflowCalibrateNode, PerflowLoadThetaNode, PerflowSaveThetaNode
 from .dropdowns import register_dropdowns
 from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode
-from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSchedulerNode
+from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSigmasNode
 from .settings_node import PerflowSettingsNode
 
 NODES = [
     PerflowSettingsNode,
-    PerflowSchedulerNode,
+    PerflowSigmasNode,
     PerflowSamplerNode,
     PerflowKSamplerNode,
     PerflowCheckpointLoaderNode,

@@ -20,7 +20,9 @@ def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None)
     return perflow_sigmas(space, choice_or_default(perflow).settings, steps, denoise)
 
 
-class PerflowSchedulerNode(io.ComfyNode):
+class PerflowSigmasNode(io.ComfyNode):
+    """The SIGMAS node. Its id stays "PerflowScheduler" (saved workflows name it); it is not the diffusers class."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

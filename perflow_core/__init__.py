@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from .parameterization import PREDICTION_TYPES, canonical_prediction_type
+from .sampling import SamplingPlan, run_plan
 from .segments import Segments, SegmentStep
 from .settings import PerflowSettings
 from .solver import StepResult, perflow_step
@@ -22,6 +23,7 @@ __all__ = [
     "PerflowScheduler",
     "PerflowSchedulerOutput",
     "PerflowSettings",
+    "SamplingPlan",
     "Segments",
     "StepResult",
     "THETA_COLUMNS",
@@ -30,6 +32,7 @@ __all__ = [
     "canonical_prediction_type",
     "parse_theta_text",
     "perflow_step",
+    "run_plan",
 ]
 
 

@@ -286,7 +286,9 @@ def _row_count(theta: Any, name: str) -> Optional[int]:
     theta = _numbers(theta, name)
     if isinstance(theta, str):
         theta = parse_theta_text(theta, None, name)
-    shape = np.shape(theta) if not isinstance(theta, torch.Tensor) else tuple(theta.shape)
+    if isinstance(theta, (list, tuple)):
+        return len(theta) or None
+    shape = tuple(getattr(theta, "shape", ()))
     return shape[0] if len(shape) in (1, 2) and shape[0] else None
 
 

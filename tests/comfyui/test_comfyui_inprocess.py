@@ -149,7 +149,7 @@ def comfy_sample(env, model, choice, steps, cfg, noise, latent=None, denoise=1.0
     """SamplerCustomAdvanced with CFGGuider, the PeRFlow Sampler and Scheduler nodes; returns the node's
     LATENT samples (ComfyUI's process_latent_out space)."""
     sampler = run_node(env.nodes.PerflowSamplerNode, perflow=choice)[0]
-    sigmas = run_node(env.nodes.PerflowSchedulerNode, model=model, steps=steps, denoise=denoise, perflow=choice)[0]
+    sigmas = run_node(env.nodes.PerflowSigmasNode, model=model, steps=steps, denoise=denoise, perflow=choice)[0]
     guider = env.comfy.samplers.CFGGuider(model)
     guider.set_conds(env.positive, env.negative)
     guider.set_cfg(cfg)
@@ -366,7 +366,7 @@ def test_v_prediction_model_with_velocity(env):
 
 def test_flow_model_with_velocity(env):
     flow_model = run_node(env.model_advanced.ModelSamplingSD3, model=env.model, shift=3.0)[0]
-    sigmas = run_node(env.nodes.PerflowSchedulerNode, model=flow_model, steps=4, denoise=1.0, perflow=None)[0]
+    sigmas = run_node(env.nodes.PerflowSigmasNode, model=flow_model, steps=4, denoise=1.0, perflow=None)[0]
     assert sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     with recorded_timesteps(env.model) as calls:
         out = comfy_sample(env, flow_model, choice_for(env, "velocity"), 4, 4.5, noise_tensor(61))
@@ -502,7 +502,7 @@ def test_nan_theta_is_refused(env):
 
 
 def test_steps_below_segments_are_raised_to_one_per_segment_with_a_warning(env, caplog):
-    (sigmas,) = run_node(env.nodes.PerflowSchedulerNode, model=env.model, steps=3, denoise=1.0, perflow=None)
+    (sigmas,) = run_node(env.nodes.PerflowSigmasNode, model=env.model, steps=3, denoise=1.0, perflow=None)
     assert len(sigmas) == 4 + 1
     assert "steps=3 is below the number of segments K=4" in caplog.text
 
@@ -510,7 +510,7 @@ def test_steps_below_segments_are_raised_to_one_per_segment_with_a_warning(env, 
 def test_edm_model_is_refused_naming_model(env):
     edm_model = run_node(env.model_advanced.ModelSamplingContinuousEDM, model=env.model, sampling="eps", sigma_max=120.0, sigma_min=0.002)[0]
     with pytest.raises(ValueError, match=r"^model"):
-        run_node(env.nodes.PerflowSchedulerNode, model=edm_model, steps=4, denoise=1.0, perflow=None)
+        run_node(env.nodes.PerflowSigmasNode, model=edm_model, steps=4, denoise=1.0, perflow=None)
     # The sampler refuses it as well, whatever sigmas it is given.
     sigmas = torch.tensor([14.6146, 4.0, 1.0, 0.3, 0.0])
     sampler = run_node(env.nodes.PerflowSamplerNode, perflow=None)[0]

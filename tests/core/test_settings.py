@@ -137,3 +137,8 @@ def test_fewer_steps_than_segments_are_raised_to_k_with_a_warning(caplog):
 def test_a_step_count_that_is_no_whole_number_is_refused(steps):
     with pytest.raises(ValueError, match="steps must be a whole number"):
         PerflowSettings().steps_for(steps)
+
+
+def test_ragged_theta_rows_are_refused_naming_theta():
+    with pytest.raises(ValueError, match="theta must be numbers"):
+        PerflowSettings(theta=[[0.1, 0], [0.2], [0], [0]])
