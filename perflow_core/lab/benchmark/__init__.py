@@ -30,7 +30,7 @@ the required ratios, the sampler overhead and the calibration cost, and writes `
 checkout that imports; the trained student joins when its file exists.
 
 Files: ``endpoints.py`` (where a sampler stops, the map to sigma 0, the exact ODE paths), ``models.py`` (the
-wrappers a pipeline runs), ``rows.py`` (rows, tables, workloads), ``peers.py`` (diffusers and ComfyUI
+wrappers a pipeline runs, a tiny UNet), ``rows.py`` (rows, tables, workloads, timing records), ``peers.py`` (diffusers and ComfyUI
 samplers), ``perflow_rows.py`` (PeRFlow and student rows, calibration costs), ``overhead.py`` (time per step),
 ``report.py`` (ratios, tables, plot), ``run.py`` (the command line).
 """
@@ -39,7 +39,7 @@ from ...calibration import rmse
 from ...sampling import SamplingPlan
 from .endpoints import ENDPOINT_MAPS, FLOW_MAP_STEPS, Endpoint, ExactPath, SamplerRun, endpoint_from_sigma, exact_path, map_to_sigma_zero
 from ..pipeline import run_pipeline
-from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel
+from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel, tiny_unet
 from .overhead import (
     FREE_MODEL_REPEAT_FACTOR,
     Overhead,
@@ -48,7 +48,6 @@ from .overhead import (
     interleaved_medians,
     measure_overheads,
     scheduler_overheads,
-    tiny_unet,
 )
 from .peers import (
     COMFY_SAMPLERS,
@@ -110,7 +109,7 @@ from .report import (
     required_ratios,
     sampler_notes,
 )
-from .rows import ModelResult, Row, Workload
+from .rows import ModelResult, Row, TimeRatio, Workload
 from .run import (
     FIT_COUNT,
     FIT_FIRST_SEED,

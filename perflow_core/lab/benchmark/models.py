@@ -1,10 +1,10 @@
-"""The models a benchmark pipeline runs: call-counting and free stand-ins, and a student read as an eps model."""
+"""The models a benchmark pipeline runs: call-counting and free stand-ins, a tiny random UNet, and a student read as an eps model."""
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 
@@ -48,6 +48,26 @@ class CountingModel(ModelWrapper):
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         self.calls += 1
         return self.model(sample, timestep + self.timestep_offset, **kwargs)
+
+
+def tiny_unet(sample_size: int = 32, block_out_channels: Tuple[int, int] = (32, 64), norm_num_groups: int = 8, attention: bool = True) -> torch.nn.Module:
+    """A small random-weight ``UNet2DModel`` standing in for a real network: RGB, two levels of one layer each,
+    attention at the lower level if ``attention``, weights from seed 0, in eval mode."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    lower_down, lower_up = ("AttnDownBlock2D", "AttnUpBlock2D") if attention else ("DownBlock2D", "UpBlock2D")
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownBlock2D", lower_down),
+        up_block_types=(lower_up, "UpBlock2D"),
+        norm_num_groups=norm_num_groups,
+    )
+    return unet.eval()
 
 
 class ConstantOutputModel(torch.nn.Module):

@@ -14,9 +14,10 @@ import torch
 from ...scheduler import PerflowScheduler
 from ..analytic import AnalyticDigitsDenoiser
 from ..pipeline import run_pipeline
-from .models import ConstantOutputModel, CountingModel
+from .models import ConstantOutputModel, CountingModel, tiny_unet
 from .peers import SD15_SCHEDULE, ComfyDenoiser, ComfyEnvironment, analytic_eps
 from .perflow_rows import perflow_segments_for, perflow_settings
+from .rows import TimeRatio
 
 FREE_MODEL_REPEAT_FACTOR = 20
 
@@ -35,19 +36,16 @@ def interleaved_medians(tasks: Dict[str, Callable[[], Any]], repeats: int) -> Di
 
 
 @dataclass
-class Overhead:
-    """Time per step of two samplers at equal NFE, measured side by side."""
+class Overhead(TimeRatio):
+    """Time per step of two samplers at equal NFE, measured side by side; ``ratio`` is ours over theirs."""
 
+    RATIO_OF = ("ours_seconds_per_step", "theirs_seconds_per_step")
     setting: str
     nfe: int
     ours: str
     theirs: str
     ours_seconds_per_step: float
     theirs_seconds_per_step: float
-
-    @property
-    def ratio(self) -> float:
-        return self.ours_seconds_per_step / max(self.theirs_seconds_per_step, 1e-12)
 
 
 def euler_scheduler() -> Any:
@@ -67,24 +65,6 @@ def scheduler_overheads(model: torch.nn.Module, noise: torch.Tensor, label: str,
         medians = interleaved_medians(tasks, repeats)
         results.append(Overhead(label, nfe, "PerflowScheduler", "EulerDiscreteScheduler", medians["perflow"] / nfe, medians["euler"] / nfe))
     return results
-
-
-def tiny_unet() -> torch.nn.Module:
-    """A small random-weight ``UNet2DModel`` (32x32x3, two levels) standing in for a real network."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    return unet.eval()
 
 
 def comfy_overheads(comfy: ComfyEnvironment, model: AnalyticDigitsDenoiser, noise: torch.Tensor, nfes: Sequence[int], repeats: int) -> List[Overhead]:

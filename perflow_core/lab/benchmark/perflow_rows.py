@@ -20,7 +20,7 @@ from ..pipeline import run_pipeline
 from .endpoints import Endpoint, ExactPath, SamplerRun
 from .models import CountingModel, StudentEpsModel
 from .peers import ComfyEnvironment, comfy_rows, diffusers_rows, network_eps
-from .rows import ModelResult, Row, Workload
+from .rows import ModelResult, Row, TimeRatio, Workload
 
 TEACHER_MULTIPLIER = 8
 STUDENT_PATH = Path(__file__).resolve().parent.parent / "data" / "perflow_student_digits.safetensors"
@@ -88,18 +88,15 @@ def perflow_endpoint(scheduler: PerflowScheduler) -> Endpoint:
 
 
 @dataclass
-class CalibrationCost:
-    """Wall time of one ``calibrate_theta`` call against the teacher sampling inside it."""
+class CalibrationCost(TimeRatio):
+    """Wall time of one ``calibrate_theta`` call against the teacher sampling inside it; ``ratio`` is total over teacher."""
 
+    RATIO_OF = ("total_seconds", "teacher_seconds")
     model: str
     nfe: int
     teacher: str
     total_seconds: float
     teacher_seconds: float
-
-    @property
-    def ratio(self) -> float:
-        return self.total_seconds / max(self.teacher_seconds, 1e-12)
 
 
 def perflow_rows(work: Workload, title: str, costs: List[CalibrationCost]) -> List[Row]:

@@ -1,15 +1,32 @@
-"""The results: a sampler's row of errors per NFE, a model's table of rows, and the workload they are measured on."""
+"""The results: a sampler's row of errors per NFE, a model's table of rows, the workload they are measured on, and
+the base of the timing records (a wall-time ratio)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ...calibration import rmse
 from ..analytic import AnalyticDigitsDenoiser
 from .endpoints import ExactPath, SamplerRun, map_to_sigma_zero
+
+
+@dataclass
+class TimeRatio:
+    """A timing record whose ``ratio`` is one of its wall times over another (``RATIO_OF`` names the two
+    fields), guarded against a zero denominator. ``as_json`` is its fields and the ratio."""
+
+    RATIO_OF: ClassVar[Tuple[str, str]]
+
+    @property
+    def ratio(self) -> float:
+        numerator, denominator = (getattr(self, name) for name in self.RATIO_OF)
+        return numerator / max(denominator, 1e-12)
+
+    def as_json(self) -> Dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
 
 
 @dataclass

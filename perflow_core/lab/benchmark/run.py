@@ -4,7 +4,6 @@ JSON and the plot."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -196,8 +195,8 @@ def json_payload(args: argparse.Namespace, tables: Sequence[ModelResult], nfes: 
             {"title": t.title, "smoothing": t.smoothing, "notes": t.notes, "rows": [r.as_json() for r in t.rows]} for t in tables
         ],
         "ratios": {m: [{"name": r.name, "value": r.value, "target": r.target, "inclusive": r.inclusive, "met": r.met} for r in rs] for m, rs in ratios.items()},
-        "overhead": [{**dataclasses.asdict(o), "ratio": o.ratio} for o in overheads],
-        "calibration_cost": [{**dataclasses.asdict(c), "ratio": c.ratio} for c in costs],
+        "overhead": [o.as_json() for o in overheads],
+        "calibration_cost": [c.as_json() for c in costs],
         "exact_ode_seconds": sum(w.held_out.seconds + w.fit.seconds for w in workloads.values()),
         "seconds": seconds,
     }
