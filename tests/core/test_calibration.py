@@ -73,16 +73,11 @@ def test_scheduler_calibrate_keeps_theta_and_saves_it(model_fn, tmp_path):
 
 
 def test_diffusers_model_fn_combines_guidance_by_hand():
-    from diffusers import UNet2DConditionModel
-
     from perflow_core.calibration import diffusers_model_fn
+    from support.tiny_diffusers import tiny_sd_unet
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=2,
-        cross_attention_dim=8, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    unet = tiny_sd_unet(sample_size=8)
     cond, uncond, z = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8, 8)
     guided = diffusers_model_fn(unet, cond, uncond, guidance_scale=3.0)(z, 750)
     with torch.no_grad():

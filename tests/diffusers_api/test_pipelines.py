@@ -4,76 +4,36 @@ import json
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMPipeline,
-    DDPMPipeline,
-    DiffusionPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
+from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from perflow_core import PerflowScheduler
+from perflow_core.lab.benchmark.models import tiny_unet as lab_tiny_unet
+from support.tiny_diffusers import NO_TEXT_MODELS, tiny_sd_unet, tiny_vae
 
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    return lab_tiny_unet(sample_size=8, block_out_channels=(4, 8), norm_num_groups=2, attention=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_sd_components():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    ).eval()
-    scheduler = PerflowScheduler(prediction_type="diff_eps")
-    return dict(
-        unet=unet,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    unet, vae = tiny_sd_unet(sample_size=16), tiny_vae()
+    return dict(unet=unet, vae=vae, scheduler=PerflowScheduler(prediction_type="diff_eps"), requires_safety_checker=False, **NO_TEXT_MODELS)
 
 
 def prompt_embeds(batch=1):
     generator = torch.Generator().manual_seed(1)
     return torch.randn(batch, 4, 8, generator=generator), torch.randn(batch, 4, 8, generator=generator)
+
+
+def run_sd(pipeline, **overrides):
+    """The pipeline's final latents on ``prompt_embeds()``: CFG 5 with the negative, 6 steps, seed 0, unless overridden."""
+    positive, negative = prompt_embeds()
+    arguments = dict(prompt_embeds=positive, negative_prompt_embeds=negative, guidance_scale=5.0, num_inference_steps=6)
+    arguments.update(generator=torch.Generator().manual_seed(0), output_type="latent")
+    return pipeline(**{**arguments, **overrides}).images
 
 
 @pytest.mark.parametrize("pipeline_class", [DDPMPipeline, DDIMPipeline])
@@ -87,17 +47,7 @@ def test_unconditional_pipeline_samples_with_the_swapped_scheduler(pipeline_clas
 
 def test_stable_diffusion_txt2img_with_cfg(tiny_sd_components):
     pipeline = StableDiffusionPipeline(**tiny_sd_components)
-    positive, negative = prompt_embeds()
-    result = pipeline(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        guidance_scale=5.0,
-        num_inference_steps=6,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).images
+    result = run_sd(pipeline, height=32, width=32)
     assert result.shape == (1, 4, 16, 16) and torch.isfinite(result).all()
     assert pipeline.scheduler.timesteps.tolist() == [1000, 875, 750, 625, 500, 250]
 
@@ -106,7 +56,7 @@ def test_stable_diffusion_txt2img_matches_a_hand_written_loop(tiny_sd_components
     pipeline = StableDiffusionPipeline(**tiny_sd_components)
     positive, _ = prompt_embeds()
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    result = pipeline(prompt_embeds=positive, guidance_scale=1.0, num_inference_steps=4, latents=latents, output_type="latent").images
+    result = run_sd(pipeline, negative_prompt_embeds=None, guidance_scale=1.0, num_inference_steps=4, latents=latents)
     scheduler = PerflowScheduler.from_config(pipeline.scheduler.config)
     scheduler.set_timesteps(4)
     x = latents.clone()
@@ -118,20 +68,10 @@ def test_stable_diffusion_txt2img_matches_a_hand_written_loop(tiny_sd_components
 
 def test_stable_diffusion_img2img_strength_half_starts_at_the_middle_segment(tiny_sd_components):
     pipeline = StableDiffusionImg2ImgPipeline(**tiny_sd_components)
-    positive, negative = prompt_embeds()
     image = torch.rand(1, 3, 32, 32)
     seen = []
     pipeline.unet.register_forward_pre_hook(lambda module, args: seen.append(int(args[1])) if len(args) > 1 else None)
-    result = pipeline(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        image=image,
-        strength=0.5,
-        guidance_scale=3.0,
-        num_inference_steps=4,
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).images
+    result = run_sd(pipeline, image=image, strength=0.5, guidance_scale=3.0, num_inference_steps=4)
     assert result.shape == (1, 4, 16, 16) and torch.isfinite(result).all()
     assert pipeline.scheduler.begin_index == 2
     assert pipeline.scheduler.step_index == 4
@@ -142,7 +82,6 @@ def test_pipeline_saved_and_reloaded_names_and_restores_our_scheduler(tiny_sd_co
     StableDiffusionPipeline(**components).save_pretrained(tmp_path)
     model_index = json.loads((tmp_path / "model_index.json").read_text())
     assert model_index["scheduler"] == ["perflow_core.scheduler", "PerflowScheduler"]
-    missing = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None)
-    reloaded = DiffusionPipeline.from_pretrained(tmp_path, **missing)
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path, **NO_TEXT_MODELS)
     assert isinstance(reloaded.scheduler, PerflowScheduler)
     assert reloaded.scheduler.theta[:, 0].tolist() == [0.1, 0.0, 0.0, 0.2]
