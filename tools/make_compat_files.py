@@ -1,7 +1,8 @@
 """Write the files in tests/compat_files/: settings files as a given version of perflow_core writes them.
 
 The committed files were written by main at 6e3c248 (before the settings refactor); the tests in
-tests/core/test_compat_files.py read them with today's code. Run from the repository root:
+tests/core/test_compat_files.py read them with today's code. Both describe the settings read back with
+tests/support/compat.py. Run from the repository root:
 
     python tools/make_compat_files.py tests/compat_files
 """
@@ -17,6 +18,10 @@ from safetensors.torch import save_file
 
 from perflow_core import PerflowScheduler, PerflowSettings
 from perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' support package
+
+from support.compat import SETTINGS_FILES, described  # noqa: E402
 
 THETA = [[0.05, -0.01, 0.02], [0.0, 0.0, 0.0], [0.1, 0.0, -0.03]]
 BOUNDARIES = [1000, 700, 300, 0]
@@ -41,21 +46,9 @@ def main(folder: Path) -> None:
     (folder / "expected.json").write_text(json.dumps(what_this_version_reads(folder), indent=1) + "\n")
 
 
-def described(settings: PerflowSettings) -> dict:
-    return {
-        "segments": settings.segments,
-        "boundaries": [float(b) for b in settings.build_segments().boundaries],
-        "theta": settings.theta.tolist(),
-        "prediction_type": settings.prediction_type,
-        "version": settings.version,
-        "num_train_timesteps": settings.num_train_timesteps,
-    }
-
-
 def what_this_version_reads(folder: Path) -> dict:
     """What the writing version itself reads back: the expectations the compat tests hold today's code to."""
-    files = ("theta_file.safetensors", "checkpoint.safetensors", "checkpoint_nested.ckpt", "checkpoint_flat.pt")
-    expected = {name: described(read_perflow_settings(folder / name)) for name in files}
+    expected = {name: described(read_perflow_settings(folder / name)) for name in SETTINGS_FILES}
     scheduler = PerflowScheduler.from_pretrained(folder / "scheduler")
     scheduler.set_timesteps(6)
     expected["scheduler"] = {**described(scheduler.perflow_settings()), "timesteps_6": scheduler.timesteps.tolist()}
