@@ -33,136 +33,126 @@ TINY_NOTE = (
 )
 
 # Each node: key, type, [x, y], widget values by name, optional title. Links: (from key, output, to key, input).
-WORKFLOWS = {
-    "perflow_txt2img": {
-        "note": "### PeRFlow txt2img (custom sampling)\n"
-        "**Load PeRFlow Checkpoint** reads the model and the PeRFlow settings stored in the file's `perflow.*` keys "
-        "(segments, theta, parameterisation) and hands them to the **PeRFlow Sampler** and **PeRFlow Scheduler**. "
-        "4 steps = one per segment. Any guider works (CFGGuider here; PeRFlow SD1.5 likes cfg 4.5-7.5).",
-        "nodes": [
-            ("loader", "PerflowCheckpointLoader", [20, 270], {"ckpt_name": cs.CHECKPOINT_NAME}),
-            ("pos", "CLIPTextEncode", [350, 20], {"text": POSITIVE}, "Positive"),
-            ("neg", "CLIPTextEncode", [350, 240], {"text": NEGATIVE}, "Negative"),
-            ("latent", "EmptyLatentImage", [350, 460], {"width": 64, "height": 64, "batch_size": 1}),
-            ("noise", "RandomNoise", [800, 20], {"noise_seed": 42, "control_after_generate": "fixed"}),
-            ("guider", "CFGGuider", [800, 150], {"cfg": 4.5}),
-            ("sampler", "PerflowSampler", [800, 300], {}),
-            ("sigmas", "PerflowScheduler", [800, 380], {"steps": 4, "denoise": 1.0}),
-            ("sample", "SamplerCustomAdvanced", [1110, 20], {}),
-            ("decode", "VAEDecode", [1110, 190], {}),
-            ("save", "SaveImage", [1360, 20], {"filename_prefix": "perflow_txt2img"}),
-            ("note", "MarkdownNote", [20, 20], {}),
-        ],
-        "links": [
-            ("loader", "MODEL", "guider", "model"),
-            ("loader", "MODEL", "sigmas", "model"),
-            ("loader", "CLIP", "pos", "clip"),
-            ("loader", "CLIP", "neg", "clip"),
-            ("loader", "VAE", "decode", "vae"),
-            ("loader", "perflow", "sampler", "perflow"),
-            ("loader", "perflow", "sigmas", "perflow"),
-            ("pos", "CONDITIONING", "guider", "positive"),
-            ("neg", "CONDITIONING", "guider", "negative"),
-            ("noise", "NOISE", "sample", "noise"),
-            ("guider", "GUIDER", "sample", "guider"),
-            ("sampler", "SAMPLER", "sample", "sampler"),
-            ("sigmas", "SIGMAS", "sample", "sigmas"),
-            ("latent", "LATENT", "sample", "latent_image"),
-            ("sample", "output", "decode", "samples"),
-            ("decode", "IMAGE", "save", "images"),
-        ],
-    },
-    "perflow_sd15_delta": {
-        "note": "### SD1.5 + PeRFlow delta weights\n"
-        "**Apply PeRFlow Delta Weights** turns an SD1.5 model (any fine-tune) into PeRFlow: W + strength x dW, "
-        "as a model patch. Put the released delta (diffusers UNet, e.g. `hansyan/perflow-sd15-delta-weights`) "
-        "in `models/perflow_deltas`. Without a PeRFlow Settings input the KSampler uses the original PeRFlow "
-        "(K = 4, theta = 0, auto).",
-        "nodes": [
-            ("loader", "CheckpointLoaderSimple", [20, 270], {"ckpt_name": cs.CHECKPOINT_NAME}),
-            ("delta", "PerflowApplyDelta", [20, 440], {"delta_name": cs.DELTA_NAME, "strength": 1.0}),
-            ("pos", "CLIPTextEncode", [350, 20], {"text": POSITIVE}, "Positive"),
-            ("neg", "CLIPTextEncode", [350, 240], {"text": NEGATIVE}, "Negative"),
-            ("latent", "EmptyLatentImage", [350, 460], {"width": 64, "height": 64, "batch_size": 1}),
-            ("ksampler", "PerflowKSampler", [800, 20], {"seed": 42, "control_after_generate": "fixed", "steps": 4, "cfg": 4.5, "denoise": 1.0}),
-            ("decode", "VAEDecode", [1110, 20], {}),
-            ("save", "SaveImage", [1360, 20], {"filename_prefix": "perflow_sd15_delta"}),
-            ("note", "MarkdownNote", [20, 20], {}),
-        ],
-        "links": [
-            ("loader", "MODEL", "delta", "model"),
-            ("loader", "CLIP", "pos", "clip"),
-            ("loader", "CLIP", "neg", "clip"),
-            ("loader", "VAE", "decode", "vae"),
-            ("delta", "MODEL", "ksampler", "model"),
-            ("pos", "CONDITIONING", "ksampler", "positive"),
-            ("neg", "CONDITIONING", "ksampler", "negative"),
-            ("latent", "LATENT", "ksampler", "latent_image"),
-            ("ksampler", "LATENT", "decode", "samples"),
-            ("decode", "IMAGE", "save", "images"),
-        ],
-    },
-    "perflow_img2img": {
-        "note": "### PeRFlow img2img\n"
-        "The image is encoded and **PeRFlow KSampler** re-noises it to `denoise` and samples back: with "
-        "4 steps at denoise 0.5 the grid has 8 steps and the last 4 run, starting on a segment boundary.",
-        "nodes": [
-            ("loader", "PerflowCheckpointLoader", [20, 270], {"ckpt_name": cs.CHECKPOINT_NAME}),
-            ("image", "LoadImage", [20, 440], {"image": cs.INPUT_IMAGE_NAME}),
-            ("pos", "CLIPTextEncode", [350, 20], {"text": POSITIVE}, "Positive"),
-            ("neg", "CLIPTextEncode", [350, 240], {"text": NEGATIVE}, "Negative"),
-            ("encode", "VAEEncode", [350, 460], {}),
-            ("ksampler", "PerflowKSampler", [800, 20], {"seed": 42, "control_after_generate": "fixed", "steps": 4, "cfg": 4.5, "denoise": 0.5}),
-            ("decode", "VAEDecode", [1110, 20], {}),
-            ("save", "SaveImage", [1360, 20], {"filename_prefix": "perflow_img2img"}),
-            ("note", "MarkdownNote", [20, 20], {}),
-        ],
-        "links": [
-            ("loader", "MODEL", "ksampler", "model"),
-            ("loader", "CLIP", "pos", "clip"),
-            ("loader", "CLIP", "neg", "clip"),
-            ("loader", "VAE", "encode", "vae"),
-            ("loader", "VAE", "decode", "vae"),
-            ("loader", "perflow", "ksampler", "perflow"),
-            ("image", "IMAGE", "encode", "pixels"),
-            ("pos", "CONDITIONING", "ksampler", "positive"),
-            ("neg", "CONDITIONING", "ksampler", "negative"),
-            ("encode", "LATENT", "ksampler", "latent_image"),
-            ("ksampler", "LATENT", "decode", "samples"),
-            ("decode", "IMAGE", "save", "images"),
-        ],
-    },
-    "perflow_ksampler_settings": {
-        "note": "### PeRFlow KSampler + PeRFlow Settings\n"
-        "All in one sampler node. **PeRFlow Settings** sets the segments K, optional boundaries "
-        "(e.g. `999, 700, 400, 150, 0`), the per-segment correction theta (rows separated by `;`) and the "
-        "parameterisation (auto: SD1.x diff_eps, SDXL ddim_eps, v / flow models velocity). "
-        "Use at least one step per segment.",
-        "nodes": [
-            ("loader", "CheckpointLoaderSimple", [20, 270], {"ckpt_name": cs.CHECKPOINT_NAME}),
-            ("settings", "PerflowSettings", [20, 440], {"parameterisation": "auto", "segments": 4, "boundaries": "", "theta": ""}),
-            ("pos", "CLIPTextEncode", [350, 20], {"text": POSITIVE}, "Positive"),
-            ("neg", "CLIPTextEncode", [350, 240], {"text": NEGATIVE}, "Negative"),
-            ("latent", "EmptyLatentImage", [350, 460], {"width": 64, "height": 64, "batch_size": 1}),
-            ("ksampler", "PerflowKSampler", [800, 20], {"seed": 42, "control_after_generate": "fixed", "steps": 4, "cfg": 4.5, "denoise": 1.0}),
-            ("decode", "VAEDecode", [1110, 20], {}),
-            ("save", "SaveImage", [1360, 20], {"filename_prefix": "perflow_ksampler_settings"}),
-            ("note", "MarkdownNote", [20, 20], {}),
-        ],
-        "links": [
-            ("loader", "MODEL", "ksampler", "model"),
-            ("loader", "CLIP", "pos", "clip"),
-            ("loader", "CLIP", "neg", "clip"),
-            ("loader", "VAE", "decode", "vae"),
-            ("settings", "perflow", "ksampler", "perflow"),
-            ("pos", "CONDITIONING", "ksampler", "positive"),
-            ("neg", "CONDITIONING", "ksampler", "negative"),
-            ("latent", "LATENT", "ksampler", "latent_image"),
-            ("ksampler", "LATENT", "decode", "samples"),
-            ("decode", "IMAGE", "save", "images"),
-        ],
-    },
-}
+# Every workflow has a checkpoint loader ("loader") with its own inputs below it, the two prompts, a latent
+# source at [350, 460], its sampling nodes, then VAE decode, save and the note: workflow() builds that frame
+# around what is a workflow's own, ksampler_workflow() the three that sample with the PeRFlow KSampler.
+# The order of the nodes and links sets their ids in the saved files.
+PROMPTS = [
+    ("pos", "CLIPTextEncode", [350, 20], {"text": POSITIVE}, "Positive"),
+    ("neg", "CLIPTextEncode", [350, 240], {"text": NEGATIVE}, "Negative"),
+]
+EMPTY_LATENT = ("latent", "EmptyLatentImage", [350, 460], {"width": 64, "height": 64, "batch_size": 1})
+
+
+def below_loader(key: str, node_type: str, widgets: dict) -> tuple:
+    """A node in the left column under the loader."""
+    return (key, node_type, [20, 440], widgets)
+
+
+def prompts_to(key: str) -> list:
+    """The links of the two prompts' conditioning into ``key``."""
+    return [("pos", "CONDITIONING", key, "positive"), ("neg", "CONDITIONING", key, "negative")]
+
+
+def workflow(name, note, loader, *, below=(), middle, model_to=(), vae_to=("decode",), perflow_to=(), links, sampled, decode_at=(1110, 20)):
+    """``(name, spec)``. Nodes: the loader (type ``loader``), the nodes ``below`` it, the prompts, ``middle``
+    (the latent source first), decode, save and note. Links: the loader's, in the order of its outputs
+    (MODEL to ``model_to``, CLIP to the prompts, VAE to ``vae_to``, perflow to ``perflow_to``), then ``links``,
+    then the ``sampled`` (key, output) into decode and the image into save."""
+    nodes = [
+        ("loader", loader, [20, 270], {"ckpt_name": cs.CHECKPOINT_NAME}),
+        *below,
+        *PROMPTS,
+        *middle,
+        ("decode", "VAEDecode", list(decode_at), {}),
+        ("save", "SaveImage", [1360, 20], {"filename_prefix": name}),
+        ("note", "MarkdownNote", [20, 20], {}),
+    ]
+    from_loader = [("loader", "MODEL", key, "model") for key in model_to]
+    from_loader += [("loader", "CLIP", "pos", "clip"), ("loader", "CLIP", "neg", "clip")]
+    from_loader += [("loader", "VAE", key, "vae") for key in vae_to] + [("loader", "perflow", key, "perflow") for key in perflow_to]
+    decoded = [(*sampled, "decode", "samples"), ("decode", "IMAGE", "save", "images")]
+    return name, {"note": note, "nodes": nodes, "links": from_loader + links + decoded}
+
+
+def ksampler_workflow(name, note, loader, *, below, below_link, latent=EMPTY_LATENT, denoise=1.0, **loader_links):
+    """A workflow sampled by one PeRFlow KSampler (seed 42, 4 steps, cfg 4.5) from ``latent``; ``below_link`` is
+    the link out of the node ``below`` the loader; ``loader_links`` are workflow()'s model_to, vae_to, perflow_to."""
+    ksampler = ("ksampler", "PerflowKSampler", [800, 20], {"seed": 42, "control_after_generate": "fixed", "steps": 4, "cfg": 4.5, "denoise": denoise})
+    links = [below_link, *prompts_to("ksampler"), (latent[0], "LATENT", "ksampler", "latent_image")]
+    return workflow(name, note, loader, below=[below], middle=[latent, ksampler], links=links, sampled=("ksampler", "LATENT"), **loader_links)
+
+
+WORKFLOWS = dict(
+    [
+        workflow(
+            "perflow_txt2img",
+            "### PeRFlow txt2img (custom sampling)\n"
+            "**Load PeRFlow Checkpoint** reads the model and the PeRFlow settings stored in the file's `perflow.*` keys "
+            "(segments, theta, parameterisation) and hands them to the **PeRFlow Sampler** and **PeRFlow Scheduler**. "
+            "4 steps = one per segment. Any guider works (CFGGuider here; PeRFlow SD1.5 likes cfg 4.5-7.5).",
+            "PerflowCheckpointLoader",
+            middle=[
+                EMPTY_LATENT,
+                ("noise", "RandomNoise", [800, 20], {"noise_seed": 42, "control_after_generate": "fixed"}),
+                ("guider", "CFGGuider", [800, 150], {"cfg": 4.5}),
+                ("sampler", "PerflowSampler", [800, 300], {}),
+                ("sigmas", "PerflowScheduler", [800, 380], {"steps": 4, "denoise": 1.0}),
+                ("sample", "SamplerCustomAdvanced", [1110, 20], {}),
+            ],
+            model_to=("guider", "sigmas"),
+            perflow_to=("sampler", "sigmas"),
+            links=[
+                *prompts_to("guider"),
+                ("noise", "NOISE", "sample", "noise"),
+                ("guider", "GUIDER", "sample", "guider"),
+                ("sampler", "SAMPLER", "sample", "sampler"),
+                ("sigmas", "SIGMAS", "sample", "sigmas"),
+                ("latent", "LATENT", "sample", "latent_image"),
+            ],
+            sampled=("sample", "output"),
+            decode_at=(1110, 190),
+        ),
+        ksampler_workflow(
+            "perflow_sd15_delta",
+            "### SD1.5 + PeRFlow delta weights\n"
+            "**Apply PeRFlow Delta Weights** turns an SD1.5 model (any fine-tune) into PeRFlow: W + strength x dW, "
+            "as a model patch. Put the released delta (diffusers UNet, e.g. `hansyan/perflow-sd15-delta-weights`) "
+            "in `models/perflow_deltas`. Without a PeRFlow Settings input the KSampler uses the original PeRFlow "
+            "(K = 4, theta = 0, auto).",
+            "CheckpointLoaderSimple",
+            below=below_loader("delta", "PerflowApplyDelta", {"delta_name": cs.DELTA_NAME, "strength": 1.0}),
+            below_link=("delta", "MODEL", "ksampler", "model"),
+            model_to=("delta",),
+        ),
+        ksampler_workflow(
+            "perflow_img2img",
+            "### PeRFlow img2img\n"
+            "The image is encoded and **PeRFlow KSampler** re-noises it to `denoise` and samples back: with "
+            "4 steps at denoise 0.5 the grid has 8 steps and the last 4 run, starting on a segment boundary.",
+            "PerflowCheckpointLoader",
+            below=below_loader("image", "LoadImage", {"image": cs.INPUT_IMAGE_NAME}),
+            below_link=("image", "IMAGE", "encode", "pixels"),
+            latent=("encode", "VAEEncode", [350, 460], {}),
+            denoise=0.5,
+            model_to=("ksampler",),
+            vae_to=("encode", "decode"),
+            perflow_to=("ksampler",),
+        ),
+        ksampler_workflow(
+            "perflow_ksampler_settings",
+            "### PeRFlow KSampler + PeRFlow Settings\n"
+            "All in one sampler node. **PeRFlow Settings** sets the segments K, optional boundaries "
+            "(e.g. `999, 700, 400, 150, 0`), the per-segment correction theta (rows separated by `;`) and the "
+            "parameterisation (auto: SD1.x diff_eps, SDXL ddim_eps, v / flow models velocity). "
+            "Use at least one step per segment.",
+            "CheckpointLoaderSimple",
+            below=below_loader("settings", "PerflowSettings", {"parameterisation": "auto", "segments": 4, "boundaries": "", "theta": ""}),
+            below_link=("settings", "perflow", "ksampler", "perflow"),
+            model_to=("ksampler",),
+        ),
+    ]
+)
 
 BUILD_JS = """async (spec) => {
   app.graph.clear();
