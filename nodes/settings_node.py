@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..perflow_core.settings import PerflowSettings
+from ..perflow_core.settings import IMG2IMG_STARTS, PerflowSettings
 from .glue import PerflowChoice
 
 Perflow = io.Custom("PERFLOW")
@@ -18,10 +18,16 @@ def optional_perflow_input():
 
 
 # The node's inputs, by the setting each one gives: errors name the input.
-INPUT_NAMES = {"segments": "segments", "segment_boundaries": "boundaries", "theta": "theta", "prediction_type": "parameterisation"}
+INPUT_NAMES = {
+    "segments": "segments",
+    "segment_boundaries": "boundaries",
+    "theta": "theta",
+    "prediction_type": "parameterisation",
+    "img2img_start": "img2img_start",
+}
 
 
-def build_choice(parameterisation: str, segments: int, boundaries: str = "", theta: str = "") -> PerflowChoice:
+def build_choice(parameterisation: str, segments: int, boundaries: str = "", theta: str = "", img2img_start: str = "original") -> PerflowChoice:
     """Validate the widgets' values (PerflowSettings does every check; errors name the input)."""
     if parameterisation not in PARAMETERISATIONS:
         raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}; got {parameterisation!r}")
@@ -31,6 +37,7 @@ def build_choice(parameterisation: str, segments: int, boundaries: str = "", the
         "segment_boundaries": boundaries if boundaries.strip() else None,
         "theta": theta,
         "prediction_type": "diff_eps" if auto else parameterisation,
+        "img2img_start": img2img_start,
     }
     return PerflowChoice(PerflowSettings.from_entries(values, names=INPUT_NAMES), auto_prediction_type=auto)
 
@@ -66,10 +73,18 @@ class PerflowSettingsNode(io.ComfyNode):
                     tooltip="Optional per-segment correction: one row per segment separated by ';', up to 3 numbers each "
                     "(gain, window-end scale, model-output change), e.g. '0.1, 0, 0.2; 0, 0, 0; ...'. Empty: theta = 0 (the original).",
                 ),
+                io.Combo.Input(
+                    "img2img_start",
+                    options=list(IMG2IMG_STARTS),
+                    default="original",
+                    optional=True,
+                    tooltip="Img2img (denoise < 1) starting inside a segment. original: ComfyUI's noised latent, the original "
+                    "PeRFlow's start. straight_path: the point on the segment's straight path between its noised ends.",
+                ),
             ],
             outputs=[Perflow.Output(display_name="perflow", tooltip="PeRFlow settings for the PeRFlow nodes.")],
         )
 
     @classmethod
-    def execute(cls, parameterisation: str, segments: int, boundaries: str, theta: str) -> io.NodeOutput:
-        return io.NodeOutput(build_choice(parameterisation, segments, boundaries, theta))
+    def execute(cls, parameterisation: str, segments: int, boundaries: str, theta: str, img2img_start: str = "original") -> io.NodeOutput:
+        return io.NodeOutput(build_choice(parameterisation, segments, boundaries, theta, img2img_start))

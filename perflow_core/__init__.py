@@ -16,7 +16,8 @@ from .theta import THETA_COLUMNS, as_theta, parse_theta_text
 
 __version__ = "0.1.0"
 
-_LAZY = {"PerflowScheduler": ".scheduler", "PerflowSchedulerOutput": ".scheduler"}
+# Imported on first use (diffusers' pipeline loader also looks up SchedulerMixin in a component's module).
+_LAZY = {"PerflowScheduler": ".scheduler", "PerflowSchedulerOutput": ".scheduler", "SchedulerMixin": ".scheduler"}
 
 __all__ = [
     "PREDICTION_TYPES",

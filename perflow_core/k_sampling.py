@@ -123,17 +123,18 @@ def sampling_timesteps(space: ModelSpace, sigmas: torch.Tensor) -> List[float]:
     return timesteps
 
 
-def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, step: Any, full_denoise: bool) -> torch.Tensor:
+def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, settings: PerflowSettings, step: Any) -> torch.Tensor:
     """The first sample in PeRFlow's space.
 
-    Txt2img starts from pure noise, as the original. An img2img start inside a segment is put on the
-    straight path (see ``path_noise_scales``) when ComfyUI's clean latent and noise are at hand, as
-    ``PerflowScheduler.add_noise`` does; at a segment start that equals ComfyUI's own noising.
+    ComfyUI's noised latent, read in PeRFlow's space, is the original's start: pure noise for txt2img, and for
+    img2img the DDPM marginal at the start's timestep, the original's ``add_noise``. Only with
+    ``img2img_start="straight_path"`` is a start inside a segment put on the segment's straight path (see
+    ``path_noise_scales``), when ComfyUI's clean latent and noise are at hand.
     """
     sigma = space.sigma_of(step.t * space.num_train_timesteps)
-    inside_segment = step.t < step.t_start
     latent, noise = getattr(model, "latent_image", None), getattr(model, "noise", None)
-    if full_denoise or space.kind == "flow" or not inside_segment or latent is None or noise is None:
+    inside_segment = step.t < step.t_start
+    if settings.img2img_start != "straight_path" or space.kind == "flow" or not inside_segment or latent is None or noise is None:
         return space.to_path(x, sigma)
     signal_scale, noise_scale = path_noise_scales(step)
     return signal_scale * latent.to(x) + noise_scale * noise.to(x)
@@ -172,8 +173,7 @@ def sample_perflow(
     if len(timesteps) < 2:
         return x
     plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
-    full_denoise = space.kind != "flow" and float(sigmas[0]) >= float(space.sigmas[-1]) * (1 - 1e-4)
-    z = start_on_path(model, x, space, plan.steps[0], full_denoise)
+    z = start_on_path(model, x, space, settings, plan.steps[0])
     denoised = {}
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:

@@ -17,6 +17,8 @@ from .noise_schedule import _betas_for
 from .parameterization import path_noise_scales
 from .sampling import SamplingPlan
 from .segments import SegmentStep
+from .parameterization import PREDICTION_TYPES
+from .segments import Segments
 from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
 from .solver import perflow_step
 from .theta import theta_to_list
@@ -99,9 +101,10 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         t_clean: float = 0.0,
         set_alpha_to_one: bool = False,
         version: str = FORMAT_VERSION,
+        img2img_start: str = "original",
     ):
-        if t_noise != 1 or t_clean != 0:
-            raise ValueError(f"t_noise must be 1 and t_clean 0 (PeRFlow's path ends); got t_noise={t_noise}, t_clean={t_clean}")
+        if not t_clean < t_noise:
+            raise ValueError(f"t_clean must be below t_noise (the original's path ends); got t_noise={t_noise}, t_clean={t_clean}")
         self.settings = PerflowSettings.from_config(
             {
                 "num_train_timesteps": num_train_timesteps,
@@ -111,12 +114,17 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
                 "prediction_type": prediction_type,
                 "version": version,
                 "num_time_windows": num_time_windows,
+                "t_clean": t_clean,
+                "img2img_start": img2img_start,
             }
         )
         self.prediction_type = self.settings.prediction_type
         self.segments = self.settings.build_segments()
         self.betas = _betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.time_windows = TimeWindows(self.segments)
         self.init_noise_sigma = 1.0
         self.theta = self.settings.theta
         if learn_theta:
@@ -124,10 +132,13 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         if trained_betas is not None:
             self.register_to_config(trained_betas=[float(b) for b in np.asarray(trained_betas).ravel()])
         config = self.settings.to_config()
+        # num_time_windows as an integer and a canonical prediction_type: the original class reads saved configs.
         self.register_to_config(
             segments=config["segments"],
+            num_time_windows=config["segments"],
             segment_boundaries=config["segment_boundaries"],
             theta_init=None if theta_init is None else theta_to_list(self.theta),
+            prediction_type=self.prediction_type,
         )
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
@@ -139,12 +150,22 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config: Union[Dict[str, Any], Any] = None, return_unused_kwargs: bool = False, **kwargs):
-        """Like [`ConfigMixin.from_config`]; also takes the seed format's `{"class": "PerflowScheduler", ...}`."""
-        if isinstance(config, dict) and "class" in config:
-            config = dict(config)
+        """Like [`ConfigMixin.from_config`], with the original's rules for what a config may carry over:
+
+        - `prediction_type` written in another scheduler class's config (`epsilon`, `v_prediction`, ...) is not a
+          PeRFlow parameterisation: pass one (`prediction_type="diff_eps"` etc.) or a ValueError says which. A
+          PeRFlow config's legacy `epsilon` is `diff_eps`.
+        - A number of segments passed here (`num_time_windows=` or `segments=`) wins over the stored one; stored
+          boundaries and theta that do not fit it are dropped with a warning.
+        - The seed format's `{"class": "PerflowScheduler", ...}` is read too.
+        """
+        config = dict(config or {})
+        if "class" in config:
             named = config.pop("class")
             if named != cls.__name__:
                 raise ValueError(f"config 'class' is {named!r}; this loader reads {cls.__name__!r} configs")
+        _check_foreign_prediction_type(config, kwargs)
+        _let_passed_segment_count_win(config, kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ----------------------------------------------------------------------------------------- theta
@@ -341,13 +362,13 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------- add_noise
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Noise clean samples to where the PeRFlow path is at `timesteps`.
+        """Noise clean samples for a start at `timesteps` (img2img).
 
-        At a segment start this is the DDPM marginal `sqrt(a) x0 + sqrt(1 - a) noise` with
-        `a = alphas_cumprod[timestep - 1]`, exactly as the original. Inside a segment the path is the
-        straight line between the segment's start and end, both noised with the same x0 and noise (the
-        DDIM assumption), so an img2img start inside a segment lands on the line a PeRFlow model was
-        trained on rather than on the diffusion marginal.
+        By default (`img2img_start="original"`) this is the original's: the DDPM marginal
+        `sqrt(a) x0 + sqrt(1 - a) noise` with `a = alphas_cumprod[timestep - 1]`, inside a segment too. With
+        `img2img_start="straight_path"` a start inside a segment is put on the straight line between the
+        segment's start and end, both noised with the same x0 and noise (the line a PeRFlow model was trained
+        on); at a segment start both are the same.
         """
         steps = torch.as_tensor(timesteps).flatten().tolist()
         if len(steps) == 1:
@@ -361,7 +382,10 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         return signal.view(shape) * original_samples + noise_scale.view(shape) * noise
 
     def _path_scales(self, timestep: float) -> Tuple[float, float]:
-        return path_noise_scales(self._step_at(timestep, 0))
+        if self.settings.img2img_start == "straight_path":
+            return path_noise_scales(self._step_at(timestep, 0))
+        alpha = float(self.alphas_cumprod[max(int(timestep) - 1, 0)])
+        return alpha**0.5, (1 - alpha) ** 0.5
 
     # ----------------------------------------------------------------------------------- state dict
     def state_dict(self) -> Dict[str, Any]:
@@ -425,6 +449,77 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    # ------------------------------------------------------------------ the original's public attributes
+    def get_window_alpha(self, timepoints: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The original's window geometry at times ``timepoints`` (t in [0, 1], a 0-d or 1-D tensor), as its training
+        scripts use it: ``(t_win_start, t_win_end, t_win_len, t_interval, gamma_s_e, alphas_cumprod_start,
+        alphas_cumprod_end)``, each shaped like ``timepoints``."""
+        t_start, t_end = self.time_windows.lookup_window(timepoints)
+        scale = self.config.num_train_timesteps
+        alpha_start = self.alphas_cumprod[(t_start * scale - 1).long()]
+        alpha_end = self.alphas_cumprod[torch.clamp((t_end * scale - 1).long(), min=0)]
+        return t_start, t_end, t_end - t_start, timepoints - t_start, (alpha_start / alpha_end) ** 0.5, alpha_start, alpha_end
+
+
+class TimeWindows:
+    """The original's ``time_windows`` attribute (its ``Time_Windows``), over this scheduler's segments: its training
+    scripts call ``lookup_window``."""
+
+    def __init__(self, segments: Segments):
+        self.window_starts = list(segments.starts)
+        self.window_ends = list(segments.ends)
+        self.precision = 1.0 / segments.num_train_timesteps
+
+    def get_window(self, timepoint: Any) -> Tuple[float, float]:
+        """The segment of a time t (a point on a boundary, or within a tenth of a timestep above it, is in the later one)."""
+        index = 0
+        while timepoint - 0.1 * self.precision <= self.window_ends[index]:
+            index += 1
+        return self.window_starts[index], self.window_ends[index]
+
+    def lookup_window(self, timepoint: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(t_start, t_end)`` of the segments of a 0-d or 1-D tensor of times, shaped like it."""
+        if timepoint.dim() == 0:
+            start, end = self.get_window(timepoint)
+            return torch.ones_like(timepoint) * start, torch.ones_like(timepoint) * end
+        pairs = [self.get_window(t) for t in timepoint]
+        return timepoint.new_tensor([p[0] for p in pairs]), timepoint.new_tensor([p[1] for p in pairs])
+
+
+PERFLOW_CLASS_NAMES = ("PerflowScheduler", "PeRFlowScheduler")
+RELEASED_PREDICTION_TYPES = (
+    "the SD1.5 releases (hansyan/perflow-sd15-*) use diff_eps, SD2.1-v (hansyan/perflow-sd21-artius) velocity, "
+    "SDXL (hansyan/perflow-sdxl-*) ddim_eps"
+)
+
+
+def _check_foreign_prediction_type(config: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
+    """Refuse a prediction_type that another scheduler class's config states (not one diffusers filled in)."""
+    named = config.get("_class_name")
+    stated = config.get("prediction_type") is not None and "prediction_type" not in config.get("_use_default_values", [])
+    if named in (None, *PERFLOW_CLASS_NAMES) or not stated or kwargs.get("prediction_type") is not None:
+        return
+    raise ValueError(
+        f"prediction_type {config['prediction_type']!r} comes from a {named} config and is not a PeRFlow "
+        f"parameterisation; pass prediction_type= one of {', '.join(PREDICTION_TYPES)} ({RELEASED_PREDICTION_TYPES})"
+    )
+
+
+def _let_passed_segment_count_win(config: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
+    """A segment count passed to from_config/from_pretrained replaces the stored one, and what no longer fits it."""
+    passed = [kwargs[key] for key in ("num_time_windows", "segments") if kwargs.get(key) is not None]
+    if not passed:
+        return
+    for key in ("num_time_windows", "segments"):
+        if key not in kwargs:
+            config.pop(key, None)
+    for key in ("segment_boundaries", "theta_init"):
+        stored = config.get(key)
+        rows = None if stored is None else len(stored) - (key == "segment_boundaries")
+        if key not in kwargs and rows is not None and rows != passed[0]:
+            logger.warning("PerflowScheduler: the stored %s (%d segments) does not fit the %s segments passed; dropped", key, rows, passed[0])
+            config.pop(key)
+
 
 def _betas(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int, trained_betas: Any) -> torch.Tensor:
     # trained_betas of another length are kept (diffusers' configs allow it) and refused at set_timesteps.
@@ -457,3 +552,8 @@ def _validate_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
 
 def _as_number(timestep: Union[int, float, torch.Tensor]) -> float:
     return float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+
+
+# diffusers records a pipeline component's class under its __module__ and, on loading, finds it only in modules the
+# process has imported: the package (`import perflow_core`) rather than this submodule.
+PerflowScheduler.__module__ = __name__.rpartition(".")[0]

@@ -56,15 +56,16 @@ class Segments:
         self.num_train_timesteps = int(num_train_timesteps)
 
     @classmethod
-    def uniform(cls, num_segments: int, num_train_timesteps: int = 1000) -> "Segments":
-        """K equal windows, computed exactly as the original PeRFlow does (starts ``i / K``)."""
+    def uniform(cls, num_segments: int, num_train_timesteps: int = 1000, t_clean: float = 0.0) -> "Segments":
+        """K equal windows, computed exactly as the original PeRFlow does (starts ``i / K``); the last one ends at
+        ``t_clean`` (the original's path end, 0 by default)."""
         num_segments = validate_num_segments(num_segments)
         starts = [1.0 * i / num_segments for i in range(num_segments, 0, -1)]
-        ends = starts[1:] + [0.0]
+        ends = starts[1:] + [float(t_clean)]
         return cls(starts, ends, num_train_timesteps)
 
     @classmethod
-    def from_boundaries(cls, boundaries: Sequence[float], num_train_timesteps: int = 1000) -> "Segments":
+    def from_boundaries(cls, boundaries: Sequence[float], num_train_timesteps: int = 1000, t_clean: float = 0.0) -> "Segments":
         """Windows from a strictly decreasing list of training timesteps ``[noise end, ..., 0]``.
 
         The first boundary may be ``T`` or ``T - 1`` (e.g. 1000 or 999): both mean pure noise and are
@@ -72,7 +73,7 @@ class Segments:
         ``alphas_cumprod[T - 1]``, as in the original. The last boundary must be 0.
         """
         values = validate_boundaries(boundaries, num_train_timesteps)
-        t = [1.0] + [b / num_train_timesteps for b in values[1:-1]] + [0.0]
+        t = [1.0] + [b / num_train_timesteps for b in values[1:-1]] + [float(t_clean)]
         return cls(t[:-1], t[1:], num_train_timesteps)
 
     def __len__(self) -> int:
@@ -86,7 +87,8 @@ class Segments:
         )
 
     def __repr__(self) -> str:
-        return f"Segments(boundaries={self.boundaries}, num_train_timesteps={self.num_train_timesteps})"
+        end = f", t_clean={self.t_clean}" if self.t_clean else ""
+        return f"Segments(boundaries={self.boundaries}, num_train_timesteps={self.num_train_timesteps}{end})"
 
     @property
     def boundaries(self) -> list[float]:
@@ -95,8 +97,13 @@ class Segments:
         return [_tidy(t * scale) for t in self.starts] + [0.0]
 
     @property
+    def t_clean(self) -> float:
+        """Where the last segment ends (the boundaries always end at 0; the original's ``t_clean`` moves only this)."""
+        return self.ends[-1]
+
+    @property
     def is_uniform(self) -> bool:
-        return self == Segments.uniform(len(self), self.num_train_timesteps)
+        return self == Segments.uniform(len(self), self.num_train_timesteps, self.t_clean)
 
     def steps_per_segment(self, num_steps: int) -> list[int]:
         """Spread ``num_steps`` over the windows; the earliest windows take the remainder."""

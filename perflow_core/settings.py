@@ -27,13 +27,17 @@ FORMAT_VERSION = "0.1"
 DEFAULT_SEGMENTS = 4
 DEFAULT_PREDICTION_TYPE = "ddim_eps"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+# Where an img2img start inside a segment is put: the original's DDPM marginal at that timestep (its add_noise),
+# or the point on the segment's straight path between its noised ends (an option of this project).
+IMG2IMG_STARTS = ("original", "straight_path")
 CHECKPOINT_PREFIX = "perflow."
 
 
 @dataclass(frozen=True)
 class Field:
     """One setting: ``name`` (attribute, ``perflow.<name>`` in files, state-dict key), ``config_key`` (diffusers
-    config), ``stored_as`` (``tensor`` or ``metadata`` in safetensors files)."""
+    config), ``stored_as`` (``tensor`` or ``metadata`` in safetensors files; ``config`` for sampler options that
+    live in a scheduler config and a state dict but not in model files)."""
 
     name: str
     config_key: str
@@ -47,6 +51,8 @@ FIELDS = (
     Field("prediction_type", "prediction_type", "metadata"),
     Field("version", "version", "metadata"),
     Field("num_train_timesteps", "num_train_timesteps", "metadata"),
+    Field("t_clean", "t_clean", "config"),
+    Field("img2img_start", "img2img_start", "config"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 CONFIG_KEYS = {f.name: f.config_key for f in FIELDS}
@@ -63,13 +69,17 @@ class PerflowSettings:
             Boundaries equal to the K uniform ones are stored as None (the original's uniform windows).
         theta: ``[K]`` or ``[K, P <= 3]`` correction (None or zeros = the original PeRFlow); read back as a
             float64 ``[K, 3]`` tensor.
+        t_clean: where the last segment ends, in [0, its start) (the original's ``t_clean``; the last step
+            still goes to t = 0, as in the original).
+        img2img_start: ``original`` (a start inside a segment is the DDPM marginal at its timestep, as the
+            original's ``add_noise``) or ``straight_path`` (the point between the segment's noised ends).
         prediction_type: ``diff_eps``, ``ddim_eps`` or ``velocity`` (``epsilon`` and ``v_prediction`` are
             read as ``diff_eps`` and ``velocity``).
         version: format version of the PeRFlow settings.
         num_train_timesteps: T.
     """
 
-    __slots__ = ("segments", "_boundaries", "_theta", "prediction_type", "version", "num_train_timesteps")
+    __slots__ = ("segments", "_boundaries", "_theta", "prediction_type", "version", "num_train_timesteps", "t_clean", "img2img_start")
 
     def __init__(
         self,
@@ -79,6 +89,8 @@ class PerflowSettings:
         prediction_type: Any = DEFAULT_PREDICTION_TYPE,
         version: Any = FORMAT_VERSION,
         num_train_timesteps: Any = DEFAULT_NUM_TRAIN_TIMESTEPS,
+        t_clean: Any = 0.0,
+        img2img_start: Any = "original",
         *,
         names: Optional[Mapping[str, str]] = None,
     ):
@@ -94,6 +106,8 @@ class PerflowSettings:
         _set(self, "_theta", tuple(tuple(row) for row in theta_value.tolist()))
         _set(self, "prediction_type", canonical_prediction_type(prediction_type, name["prediction_type"]))
         _set(self, "version", _version(version, name["version"]))
+        _set(self, "t_clean", _t_clean(t_clean, boundaries, count, steps, name["t_clean"]))
+        _set(self, "img2img_start", _choice(img2img_start, IMG2IMG_STARTS, name["img2img_start"]))
 
     # ------------------------------------------------------------------------------------- value type
     def __setattr__(self, key: str, value: Any) -> None:
@@ -141,8 +155,8 @@ class PerflowSettings:
 
     def build_segments(self) -> Segments:
         if self.segment_boundaries is None:
-            return Segments.uniform(self.segments, self.num_train_timesteps)
-        return Segments.from_boundaries(self.segment_boundaries, self.num_train_timesteps)
+            return Segments.uniform(self.segments, self.num_train_timesteps, self.t_clean)
+        return Segments.from_boundaries(self.segment_boundaries, self.num_train_timesteps, self.t_clean)
 
     def steps_for(self, requested: int, name: str = "steps") -> int:
         """The step count to sample with: at least one step per segment. Fewer are raised to K with a warning,
@@ -203,6 +217,7 @@ class PerflowSettings:
             "segments": torch.tensor(self.segments, dtype=torch.int64),
         }
         tensors = {CHECKPOINT_PREFIX + f.name: stored[f.name] for f in FIELDS if f.stored_as == "tensor"}
+        # Sampler options (stored_as "config") are not model settings: model files do not carry them.
         metadata = {CHECKPOINT_PREFIX + f.name: str(getattr(self, f.name)) for f in FIELDS if f.stored_as == "metadata"}
         return tensors, metadata
 
@@ -307,6 +322,19 @@ def _theta(value: Any, count: int, name: str, count_name: str) -> torch.Tensor:
 def _is_uniform(boundaries: list, num_train_timesteps: int) -> bool:
     uniform = Segments.uniform(len(boundaries) - 1, num_train_timesteps).boundaries
     return bool(np.array_equal(np.float32(boundaries), np.float32(uniform)))
+
+
+def _t_clean(value: Any, boundaries: Optional[list], count: int, num_train_timesteps: int, name: str) -> float:
+    last_start = (boundaries[-2] / num_train_timesteps) if boundaries is not None else 1.0 / count
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not 0 <= value < last_start:
+        raise ValueError(f"{name} must be a number in [0, {last_start:g}) (where the last segment starts); got {value!r}")
+    return float(value)
+
+
+def _choice(value: Any, choices: Tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
 
 
 def _version(value: Any, name: str) -> str:

@@ -258,17 +258,19 @@ def test_batch_of_two_gives_two_different_results(env):
     assert relative_difference(out[:1], single) < 1e-4
 
 
+@pytest.mark.parametrize("img2img_start", ["original", "straight_path"])
 @pytest.mark.parametrize("denoise, grid", [(0.5, [500, 375, 250, 125]), (0.75, [875, 750, 500, 250])])
-def test_img2img_start_and_parity(env, denoise, grid):
-    """denoise 0.5 at 4 steps starts at 500 (a segment start: ComfyUI's own noising); 0.75 at 875, inside
-    the first segment, where the start is put on the straight path as PerflowScheduler.add_noise does."""
+def test_img2img_start_and_parity(env, denoise, grid, img2img_start):
+    """denoise 0.5 at 4 steps starts at 500 (a segment start); 0.75 at 875, inside the first segment: by default
+    ComfyUI's own noising, the original's add_noise; with straight_path the point on the segment's straight path.
+    Either way the same as PerflowScheduler.add_noise with the same option."""
     latent = noise_tensor(21) * 4.0  # a VAE-encoded latent (process_latent_out space)
     noise = noise_tensor(22)
-    choice = choice_for(env, "diff_eps", THETA_TEXT)
+    choice = env.settings_node.build_choice("diff_eps", 4, "", THETA_TEXT, img2img_start)
     with recorded_timesteps(env.model) as calls:
         out = comfy_sample(env, env.model, choice, 4, 1.0, noise, latent=latent, denoise=denoise)
     assert flat(calls) == [float(t) for t in grid]
-    scheduler = pack_core().PerflowScheduler(segments=4, theta_init=THETA_ROWS, prediction_type="diff_eps")
+    scheduler = pack_core().PerflowScheduler(segments=4, theta_init=THETA_ROWS, prediction_type="diff_eps", img2img_start=img2img_start)
     total = int(4 / denoise)
     scheduler.set_timesteps(total)
     scheduler.set_begin_index(total - 4)

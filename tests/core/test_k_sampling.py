@@ -142,16 +142,17 @@ def test_denoise_below_one_keeps_the_end_of_a_finer_grid():
     assert [space.timestep_of(float(s)) for s in sigmas] == [500, 375, 250, 125, 0]
 
 
-def test_img2img_start_inside_a_segment_lands_on_the_straight_path():
+@pytest.mark.parametrize("img2img_start", ["original", "straight_path"])
+def test_img2img_start_inside_a_segment_matches_the_scheduler_add_noise(img2img_start):
+    settings = PerflowSettings(img2img_start=img2img_start)
     model = ComfyLikeModel(DiscreteEps())
-    sigmas = perflow_sigmas(model.space, PerflowSettings(), 3, denoise=0.5)  # starts at 625, inside [750, 500]
+    sigmas = perflow_sigmas(model.space, settings, 3, denoise=0.5)  # starts at 625, inside [750, 500]
     model.latent_image, model.noise = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 0.5)
     x = model.latent_image + float(sigmas[0]) * model.noise  # KSAMPLER's img2img noise scaling
-    sample_perflow(model, x, sigmas, disable=True)
-    first_z = model.seen_inputs[0]
-    expected = PerflowScheduler().add_noise(model.latent_image, model.noise, torch.tensor([625]))
+    sample_perflow(model, x, sigmas, disable=True, settings=settings)
+    expected = PerflowScheduler(img2img_start=img2img_start).add_noise(model.latent_image, model.noise, torch.tensor([625]))
     assert model.seen_timesteps[0] == 625
-    assert torch.allclose(first_z, expected, atol=1e-6)
+    assert torch.allclose(model.seen_inputs[0], expected, atol=1e-6)
 
 
 def test_fewer_steps_than_segments_are_raised_to_one_per_segment_with_a_warning(caplog):

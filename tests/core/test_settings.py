@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from perflow_core.settings import CONFIG_KEYS, FIELD_NAMES, PerflowSettings
+from perflow_core.settings import CONFIG_KEYS, FIELD_NAMES, FIELDS, PerflowSettings
 
 THETA = [[0.1, 0.0, 0.2], [0.0, 0.0, 0.0], [0.0, -0.1, 0.0]]
 
@@ -69,7 +69,7 @@ def test_config_errors_name_the_config_key():
 
 def test_file_entries_follow_the_table():
     tensors, metadata = PerflowSettings(segments=2, theta=[0.5, 0]).file_entries()
-    assert set(tensors) | set(metadata) == {f"perflow.{name}" for name in FIELD_NAMES}
+    assert set(tensors) | set(metadata) == {f"perflow.{f.name}" for f in FIELDS if f.stored_as != "config"}
     assert tensors["perflow.theta"].dtype == torch.float32 and tensors["perflow.segments"].dtype == torch.int64
     assert metadata == {"perflow.prediction_type": "ddim_eps", "perflow.version": "0.1", "perflow.num_train_timesteps": "1000"}
 

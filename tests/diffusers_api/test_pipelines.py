@@ -1,6 +1,8 @@
 """PerflowScheduler inside diffusers pipelines, offline, with tiny random models built here."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,7 +83,24 @@ def test_pipeline_saved_and_reloaded_names_and_restores_our_scheduler(tiny_sd_co
     components = dict(tiny_sd_components, scheduler=PerflowScheduler(prediction_type="diff_eps", theta_init=[0.1, 0.0, 0.0, 0.2]))
     StableDiffusionPipeline(**components).save_pretrained(tmp_path)
     model_index = json.loads((tmp_path / "model_index.json").read_text())
-    assert model_index["scheduler"] == ["perflow_core.scheduler", "PerflowScheduler"]
+    assert model_index["scheduler"] == ["perflow_core", "PerflowScheduler"]
     reloaded = DiffusionPipeline.from_pretrained(tmp_path, **NO_TEXT_MODELS)
     assert isinstance(reloaded.scheduler, PerflowScheduler)
     assert reloaded.scheduler.theta[:, 0].tolist() == [0.1, 0.0, 0.0, 0.2]
+
+
+FRESH_PROCESS_LOAD = """
+import sys
+import perflow_core
+from diffusers import DiffusionPipeline
+pipeline = DiffusionPipeline.from_pretrained(sys.argv[1], text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None)
+print(type(pipeline.scheduler).__name__, pipeline.scheduler.theta[:, 0].tolist())
+"""
+
+
+def test_a_fresh_process_loads_a_saved_pipeline_after_import_perflow_core(tiny_sd_components, tmp_path):
+    components = dict(tiny_sd_components, scheduler=PerflowScheduler(prediction_type="diff_eps", theta_init=[0.1, 0.0, 0.0, 0.2]))
+    StableDiffusionPipeline(**components).save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == "PerflowScheduler [0.1, 0.0, 0.0, 0.2]"

@@ -171,8 +171,16 @@ def test_add_noise_at_a_segment_start_is_the_ddpm_marginal():
     assert torch.allclose(noisy, (a.sqrt() * clean + (1 - a).sqrt() * noise).float())
 
 
-def test_add_noise_inside_a_segment_lies_on_the_straight_path():
+def test_add_noise_inside_a_segment_is_the_ddpm_marginal_by_default_as_in_the_original():
     scheduler = PerflowScheduler()
+    clean, noise = torch.ones(1, 3), torch.full((1, 3), 2.0)
+    alpha = scheduler.alphas_cumprod[874].double()
+    expected = (alpha.sqrt() * clean + (1 - alpha).sqrt() * noise).float()
+    assert torch.allclose(scheduler.add_noise(clean, noise, torch.tensor([875])), expected, atol=1e-6)
+
+
+def test_add_noise_inside_a_segment_lies_on_the_straight_path_when_asked():
+    scheduler = PerflowScheduler(img2img_start="straight_path")
     clean, noise = torch.ones(1, 3), torch.full((1, 3), 2.0)
     start = scheduler.add_noise(clean, noise, torch.tensor([1000]))
     end = scheduler.add_noise(clean, noise, torch.tensor([750]))
@@ -262,9 +270,9 @@ def test_load_state_dict_not_strict_loads_what_matches_and_logs_the_rest(caplog)
     assert "'optimizer'" in caplog.text and "config.unknown_option" in caplog.text
 
 
-def test_t_noise_other_than_one_is_refused():
-    with pytest.raises(ValueError, match="t_noise"):
-        PerflowScheduler(t_noise=0.9)
+def test_t_clean_must_lie_below_t_noise():
+    with pytest.raises(ValueError, match="t_clean must be below t_noise"):
+        PerflowScheduler(t_noise=0.5, t_clean=0.6)
 
 
 def test_perflow_settings_keep_the_schedulers_format_version():
