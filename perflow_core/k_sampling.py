@@ -95,16 +95,20 @@ class ModelSpace:
 
     def call(self, model: Callable[..., torch.Tensor], z: torch.Tensor, timestep: float, extra_args: Dict[str, Any]):
         """ComfyUI's wrapped ``model`` at PeRFlow's ``(z, timestep)``: ``(denoised, raw network output)``."""
-        sigma = self.sigma_of(timestep)
+        return self.call_at_sigma(model, z, self.sigma_of(timestep), extra_args)
+
+    def call_at_sigma(self, model: Callable[..., torch.Tensor], z: torch.Tensor, sigma: float, extra_args: Dict[str, Any]):
+        """`call` with the step's sigma already looked up (a sampling loop does that once per run)."""
         x = self.from_path(z, sigma)
-        denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+        denoised = model(x, x.new_full((x.shape[0],), sigma), **extra_args)
         return denoised, self.raw_output(x, sigma, denoised)
 
     def raw_output(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
         """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
         if self.kind == "v":
-            return (x / (sigma**2 + 1) - denoised) * math.sqrt(sigma**2 + 1) / sigma
-        return (x - denoised) / sigma
+            scale = math.sqrt(sigma**2 + 1) / sigma
+            return torch.add(x * (scale / (sigma**2 + 1)), denoised, alpha=-scale)
+        return torch.sub(x, denoised).div_(sigma)
 
 
 def model_sampling_of(model: Any) -> Any:
@@ -174,20 +178,21 @@ def sample_perflow(
         return x
     plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
     z = start_on_path(model, x, space, settings, plan.steps[0])
+    sigma_at = {t: space.sigma_of(t) for t in timesteps}  # looked up once per run, not per model call
     denoised = {}
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        denoised["last"], output = space.call(model, z, timestep, extra_args)
+        denoised["last"], output = space.call_at_sigma(model, z, sigma_at[timestep], extra_args)
         return output
 
     def report(record: StepRecord) -> None:
         i = record.index
         preview = denoised["last"] if space.kind == "flow" else record.result.pred_original_sample
-        x_next = space.from_path(record.result.prev_sample, space.sigma_of(timesteps[i + 1]))
+        x_next = space.from_path(record.result.prev_sample, sigma_at[timesteps[i + 1]])
         callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
 
     z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
-    return space.from_path(z, space.sigma_of(timesteps[-1]))
+    return space.from_path(z, sigma_at[timesteps[-1]])
 
 
 def check_num_train_timesteps(settings: PerflowSettings, space: ModelSpace) -> None:

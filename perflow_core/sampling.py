@@ -1,8 +1,8 @@
 """The one PeRFlow sampling loop: a plan of steps (model timesteps and where each lies in its segment) and the run.
 
-The diffusers scheduler, the ComfyUI sampler, calibration and the benchmark build a `SamplingPlan` and step
-with `perflow_step` through `run_plan` (the scheduler, stepped by a pipeline, uses the plan's steps and theta
-rows and the same step). theta's rows are prepared once per run.
+The diffusers scheduler, the ComfyUI sampler, calibration and the benchmark build a `SamplingPlan`; every step's
+coefficients (`solver.StepCoefficients`, theta folded in) are computed once per run, before the loop, and
+`run_plan` applies them (the scheduler, stepped by a pipeline, uses the same coefficients and step).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from .segments import SegmentStep
 from .settings import PerflowSettings
-from .solver import StepResult, perflow_step
+from .solver import StepCoefficients, StepResult, apply_step, nonfinite_output_error, warn_fallback
 from .theta import theta_rows_like
 
 # model_fn(z, timestep) -> the raw network output at PeRFlow's (z, timestep).
@@ -54,9 +54,13 @@ class SamplingPlan:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def theta_rows(self, like: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[Optional[torch.Tensor]]:
-        """theta's rows on ``like``'s device and dtype (the settings' theta unless given), None where zero."""
-        return theta_rows_like(self.settings.theta if theta is None else theta, like)
+    def coefficients(self, like: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[Tuple[StepCoefficients, StepCoefficients]]:
+        """Every step's coefficients for a run with ``theta`` (default: the settings'), computed once before the loop:
+        per step, the pair (as a run's first step, after a previous step). ``like`` gives the device for a theta that
+        learns."""
+        rows = theta_rows_like(self.settings.theta if theta is None else theta, like)
+        kind = self.settings.prediction_type
+        return [(StepCoefficients.of(kind, step, rows[step.index], False), StepCoefficients.of(kind, step, rows[step.index], True)) for step in self.steps]
 
     def steps_in_segment(self, segment: int) -> List[int]:
         return [i for i, step in enumerate(self.steps) if step.index == segment]
@@ -84,6 +88,10 @@ def run_plan(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the plan's steps (all, or those at ``indices``) from ``sample``; returns the last sample and model output.
 
+    Nothing in the loop waits on the device: a model output with NaN/Inf raises FloatingPointError after the loop,
+    naming the first step where it happened, and a theta correction that overflowed (the step then fell back to
+    theta = 0) is reported once, after the loop.
+
     Args:
         model_fn: ``model_fn(z, timestep) -> raw output``.
         plan: the steps.
@@ -93,13 +101,52 @@ def run_plan(
         previous_output: the model output of the step before the first one run (theta's third column).
         on_step: called after every step with its `StepRecord`.
     """
-    rows = plan.theta_rows(sample, theta)
+    coefficients = plan.coefficients(sample, theta)
+    checks = LoopChecks()
     z = sample
     for i in range(len(plan)) if indices is None else indices:
-        step, timestep = plan.steps[i], plan.timesteps[i]
+        timestep = plan.timesteps[i]
+        step = coefficients[i][previous_output is not None]
         output = model_fn(z, timestep)
-        result = perflow_step(plan.settings.prediction_type, output, z, step, rows[step.index], previous_output, i, timestep)
+        z_next, fell_back = apply_step(step, output, z, previous_output)
+        checks.record(i, output, fell_back)
         if on_step is not None:
-            on_step(StepRecord(i, z, output, previous_output, result))
-        previous_output, z = output, result.prev_sample
+            on_step(StepRecord(i, z, output, previous_output, StepResult(z_next, z, output, step)))
+        previous_output, z = output, z_next
+    checks.raise_or_warn(plan)
     return z, previous_output
+
+
+class LoopChecks:
+    """Per-step checks kept on the device while a loop runs, read once after it."""
+
+    def __init__(self) -> None:
+        self.finite: List[Tuple[int, torch.Tensor]] = []
+        self.fallbacks: List[Tuple[int, torch.Tensor]] = []
+
+    def record(self, index: int, output: torch.Tensor, fell_back: Optional[torch.Tensor]) -> None:
+        if index < 0:
+            return
+        self.finite.append((index, torch.isfinite(output).all()))
+        if fell_back is not None:
+            self.fallbacks.append((index, fell_back))
+
+    @staticmethod
+    def check_now(index: int, output: torch.Tensor, fell_back: Optional[torch.Tensor], step: SegmentStep, timestep: float) -> None:
+        """The same checks for a lone step, read at once."""
+        if not bool(torch.isfinite(output).all()):
+            raise nonfinite_output_error(index, timestep)
+        if fell_back is not None and bool(fell_back):
+            warn_fallback([(index, timestep, step.index)])
+
+    def raise_or_warn(self, plan: SamplingPlan) -> None:
+        if self.finite:
+            finite = torch.stack([flag for _, flag in self.finite]).cpu()
+            if not bool(finite.all()):
+                first = self.finite[int((~finite).nonzero()[0])][0]
+                raise nonfinite_output_error(first, plan.timesteps[first])
+        if self.fallbacks:
+            fell_back = torch.stack([flag for _, flag in self.fallbacks]).cpu()
+            places = [(i, plan.timesteps[i], plan.steps[i].index) for (i, _), flag in zip(self.fallbacks, fell_back) if flag]
+            if places:
+                warn_fallback(places)

@@ -15,13 +15,13 @@ from diffusers.utils import BaseOutput
 
 from .noise_schedule import _betas_for
 from .parameterization import path_noise_scales
-from .sampling import SamplingPlan
+from .sampling import LoopChecks, SamplingPlan
 from .segments import SegmentStep
 from .parameterization import PREDICTION_TYPES
 from .segments import Segments
 from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
-from .solver import perflow_step
-from .theta import theta_to_list
+from .solver import StepCoefficients, StepResult, apply_step
+from .theta import theta_rows_like, theta_to_list
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._previous: Optional[Tuple[int, torch.Tensor]] = None
-        self._theta_rows: Optional[Tuple[Tuple[torch.device, torch.dtype], List[Optional[torch.Tensor]]]] = None
+        self._run_coefficients: Optional[List[Tuple[StepCoefficients, StepCoefficients]]] = None
+        self._checks = LoopChecks()
 
     @classmethod
     def from_config(cls, config: Union[Dict[str, Any], Any] = None, return_unused_kwargs: bool = False, **kwargs):
@@ -175,7 +176,8 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self.theta = self.settings.theta
         if self.config.learn_theta:
             self.theta.requires_grad_(True)
-        self._theta_rows = None
+        self._run_coefficients = None
+        self._checks = LoopChecks()
         self.register_to_config(theta_init=theta_to_list(self.theta))
 
     def perflow_settings(self) -> PerflowSettings:
@@ -264,7 +266,8 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._previous = None
-        self._theta_rows = None
+        self._run_coefficients = None if self.theta.requires_grad else self._plan.coefficients(self.theta, self.theta)
+        self._checks = LoopChecks()
 
     def _check_schedule_length(self) -> None:
         if len(self.alphas_cumprod) != self.config.num_train_timesteps:
@@ -282,18 +285,25 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         matches = (schedule == _as_number(timestep)).nonzero()
         return int(matches[0]) if len(matches) else -1
 
-    def _locate(self, timestep: float) -> Tuple[int, SegmentStep]:
-        """The step index and `SegmentStep` for `timestep`: the expected next step, else looked up by value."""
+    def _locate(self, timestep: Union[int, float, torch.Tensor]) -> Tuple[int, SegmentStep]:
+        """The step index and `SegmentStep` for `timestep`: the expected next step, else looked up by value.
+
+        A timestep on an accelerator is not read (that would wait for the device every step): once the first
+        step has placed the run, the expected next step is taken, as diffusers' own schedulers do."""
+        steps = self._plan.steps
+        if self._step_index is not None and self._step_index < len(steps) and _on_accelerator(timestep):
+            return self._step_index, steps[self._step_index]
+        t = _as_number(timestep)
+        on_schedule = self._plan.timesteps.index(t) if t in self._plan.timesteps else -1
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else max(self.index_for_timestep(timestep), 0)
-        index, windows = self._step_index, self._plan.steps
-        if index < len(windows) and self._plan.timesteps[index] == timestep:
-            return index, windows[index]
-        index = self.index_for_timestep(timestep)
-        if index >= 0:
-            return index, windows[index]
-        later = self.timesteps[self.timesteps < timestep]
-        return -1, self._step_at(timestep, float(later[0]) if len(later) else 0.0)
+            self._step_index = self._begin_index if self._begin_index is not None else max(on_schedule, 0)
+        index = self._step_index
+        if index < len(steps) and self._plan.timesteps[index] == t:
+            return index, steps[index]
+        if on_schedule >= 0:
+            return on_schedule, steps[on_schedule]
+        later = self.timesteps[self.timesteps < t]
+        return -1, self._step_at(t, float(later[0]) if len(later) else 0.0)
 
     # ------------------------------------------------------------------------------------------ step
     def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
@@ -329,36 +339,33 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call `set_timesteps` before `step`")
         if eta:
             raise ValueError(f"eta must be 0 (PeRFlow sampling is deterministic); got eta={eta}")
-        t = _as_number(timestep)
-        index, step = self._locate(t)
+        index, place = self._locate(timestep)
         previous_output = self._previous[1] if self._previous is not None and self._previous[0] == index - 1 >= 0 else None
-        result = perflow_step(
-            self.prediction_type,
-            model_output,
-            sample,
-            step,
-            theta_row=self._theta_row(step.index, sample),
-            previous_output=previous_output,
-            step_index=index,
-            timestep=t,
-        )
+        coefficients = self._coefficients(index, place, sample, previous_output is not None)
+        next_sample, fell_back = apply_step(coefficients, model_output, sample, previous_output)
+        if index < 0:  # off the schedule: checked on the spot
+            LoopChecks.check_now(index, model_output, fell_back, place, _as_number(timestep))
+        self._checks.record(index, model_output, fell_back)
+        if index == len(self._plan) - 1:
+            checks, self._checks = self._checks, LoopChecks()
+            checks.raise_or_warn(self._plan)
         self._previous = (index, model_output)
         self._step_index = index + 1 if index >= 0 else self._step_index
-        prev_sample = result.prev_sample.to(sample.dtype)
-        pred_original = result.pred_original_sample.to(sample.dtype)
+        prev_sample = next_sample.to(sample.dtype)
+        pred_original = StepResult(next_sample, sample, model_output, coefficients).pred_original_sample.to(sample.dtype)
         if not return_dict:
             return (prev_sample, pred_original)
         return PerflowSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original)
 
-    def _theta_row(self, segment: int, sample: torch.Tensor) -> Optional[torch.Tensor]:
-        """Segment ``segment``'s theta row on ``sample``'s device and dtype (None when zero), prepared once per run;
-        a theta that learns is taken fresh every step so each run builds its own graph."""
-        if self.theta.requires_grad:
-            return self.theta[segment].to(sample)
-        like = (sample.device, sample.dtype)
-        if self._theta_rows is None or self._theta_rows[0] != like:
-            self._theta_rows = (like, self._plan.theta_rows(sample, self.theta))
-        return self._theta_rows[1][segment]
+    def _coefficients(self, index: int, place: SegmentStep, sample: torch.Tensor, has_previous: bool) -> StepCoefficients:
+        """The step's coefficients, computed once per run for the schedule's steps; a theta that learns is taken
+        fresh every step, so each run builds its own graph."""
+        if index < 0 or self.theta.requires_grad:
+            row = theta_rows_like(self.theta, sample)[place.index]
+            return StepCoefficients.of(self.prediction_type, place, row, has_previous)
+        if self._run_coefficients is None:
+            self._run_coefficients = self._plan.coefficients(sample, self.theta)
+        return self._run_coefficients[index][has_previous]
 
     # ------------------------------------------------------------------------------------- add_noise
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -548,6 +555,10 @@ def _validate_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
     if np.any(np.diff(values) >= 0):
         raise ValueError(f"timesteps must be {accepted}; got {values.tolist()}")
     return values.astype(np.int64)
+
+
+def _on_accelerator(timestep: Any) -> bool:
+    return isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"
 
 
 def _as_number(timestep: Union[int, float, torch.Tensor]) -> float:

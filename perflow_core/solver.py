@@ -1,40 +1,128 @@
-"""The PeRFlow step: Euler on the piecewise linear path, plus the theta correction (see ``theta.py``)."""
+"""The PeRFlow step: Euler on the piecewise linear path, plus the theta correction (see ``theta.py``).
+
+Every quantity of a step is linear in the current sample ``z``, the raw model output ``o`` and the previous
+output ``o_prev``: the velocity ``v = vz z + vo o``, the predicted segment end (the paper's window end)
+``z_e = ez z + eo o``, the next sample ``a z + b o + c o_prev`` and the preview's x0 estimate ``p z + q o``.
+`StepCoefficients` holds those scalars, computed once per step of a plan (before the sampling loop), so a step
+costs a few fused elementwise operations and no host synchronisation.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .parameterization import clean_estimate, time_to_window_end, velocity_and_window_end
+from .parameterization import time_to_window_end, window_end_coefficients
 from .segments import SegmentStep
 
 logger = logging.getLogger(__name__)
 
+Scalar = Union[float, torch.Tensor]  # a 0-d tensor when theta learns (its graph runs through the coefficients)
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """The scalars of one step (see the module docstring); ``c`` weighs the previous output (0 at a first step)."""
+
+    step: SegmentStep
+    vz: float
+    vo: float
+    ez: float
+    eo: float
+    a: Scalar
+    b: Scalar
+    c: Scalar
+    p: float
+    q: float
+    corrected: bool  # theta changes this step
+
+    @classmethod
+    def of(cls, prediction_type: str, step: SegmentStep, theta_row: Optional[torch.Tensor] = None, has_previous: bool = False) -> "StepCoefficients":
+        remaining = time_to_window_end(step)
+        if prediction_type == "velocity":
+            ez, eo = 1.0, remaining
+        else:
+            ez, eo = window_end_coefficients(prediction_type, step)
+        vz, vo = (ez - 1.0) / remaining, eo / remaining
+        dt = step.t_next - step.t
+        a, b, c = 1.0 + dt * vz, dt * vo, 0.0
+        corrected = theta_row is not None
+        if corrected and not theta_row.requires_grad:
+            theta_row = theta_row.tolist()  # plain numbers: the step then needs no tensor arithmetic on theta
+        if corrected:
+            # x_next = z + dt v + theta_0 dt v + theta_1 (dt / remaining) z_e + theta_2 dt (v(o) - v(o_prev))
+            gain, end_scale, change = (theta_row[j] for j in range(3))
+            share = dt / remaining
+            change = change if has_previous else 0.0 * change
+            a = a + gain * dt * vz + end_scale * share * ez
+            b = b + gain * dt * vo + end_scale * share * eo + change * dt * vo
+            c = -change * dt * vo
+        p, q = _preview_coefficients(step, vz, vo)
+        return cls(step, vz, vo, ez, eo, a, b, c, p, q, corrected)
+
+    def next_sample(self, sample: torch.Tensor, output: torch.Tensor, previous_output: Optional[torch.Tensor]) -> torch.Tensor:
+        """``a z + b o (+ c o_prev)`` in fused operations."""
+        if isinstance(self.a, torch.Tensor):  # learning theta: keep the graph
+            result = self.a.to(sample) * sample + self.b.to(sample) * output
+            return result if previous_output is None else result + self.c.to(sample) * previous_output
+        result = torch.add(sample, output, alpha=self.b) if self.a == 1.0 else torch.add(sample * self.a, output, alpha=self.b)
+        return result if previous_output is None or self.c == 0.0 else result.add_(previous_output, alpha=self.c)
+
+    def original_step(self, sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The step without theta, ``z + dt v``."""
+        dt = self.step.t_next - self.step.t
+        return torch.add(sample * (1.0 + dt * self.vz), output, alpha=dt * self.vo)
+
+
+def _preview_coefficients(step: SegmentStep, vz: float, vo: float) -> tuple[float, float]:
+    """``(p, q)`` of the x0 estimate on the DDIM trajectory through the segment's predicted ends.
+
+    The straight line gives the segment's start and end, ``z_s`` and ``z_e``. Taking both on one deterministic
+    DDIM trajectory (Song et al. 2021, eq. 12: ``z = sqrt(a) x0 + sqrt(1-a) eps`` with the same x0 and eps)
+    leaves two equations in x0 and eps; solved for x0 it is linear in ``z`` and ``o``.
+    """
+    a_s, a_e = step.alpha_start, step.alpha_end
+    noise_s, noise_e = math.sqrt(1 - a_s), math.sqrt(1 - a_e)
+    determinant = max(math.sqrt(a_e) * noise_s - math.sqrt(a_s) * noise_e, 1e-12)
+    to_start, to_end = step.t_start - step.t, step.t_end - step.t
+    p = (noise_s * (1 + to_end * vz) - noise_e * (1 + to_start * vz)) / determinant
+    q = (noise_s * to_end * vo - noise_e * to_start * vo) / determinant
+    return p, q
+
 
 @dataclass
 class StepResult:
-    """What one PeRFlow step produces.
-
-    Args:
-        prev_sample: the sample at ``t_next``.
-        velocity: the velocity of the straight path (before theta).
-        window_end: the predicted end of the current segment (the paper's window end z_e).
-        sample, step: the step's input and the `SegmentStep`, from which `pred_original_sample` is computed on demand.
-    """
+    """What one PeRFlow step produces: ``prev_sample``; the velocity (before theta), the predicted segment end and
+    the preview's x0 estimate are computed from the step's inputs only when read."""
 
     prev_sample: torch.Tensor
-    velocity: torch.Tensor
-    window_end: torch.Tensor
     sample: torch.Tensor
-    step: SegmentStep
+    output: torch.Tensor
+    coefficients: StepCoefficients
+
+    @property
+    def step(self) -> SegmentStep:
+        return self.coefficients.step
+
+    @property
+    def velocity(self) -> torch.Tensor:
+        k = self.coefficients
+        return torch.add(self.sample * k.vz, self.output, alpha=k.vo)
+
+    @property
+    def window_end(self) -> torch.Tensor:
+        k = self.coefficients
+        return torch.add(self.sample * k.ez, self.output, alpha=k.eo)
 
     @property
     def pred_original_sample(self) -> torch.Tensor:
-        """An x0 estimate for previews (see ``clean_estimate``); only samplers that show it pay for it."""
-        return clean_estimate(self.sample, self.velocity, self.step)
+        """An x0 estimate for previews; only samplers that show it pay for it (two operations)."""
+        k = self.coefficients
+        return torch.add(self.sample * k.p, self.output, alpha=k.q)
 
 
 def theta_features(
@@ -48,19 +136,28 @@ def theta_features(
     """The three terms that theta's columns weight; the step is ``x + dt*v + sum_j theta_j * f_j``.
 
     The third is the change in the model output since the previous step, mapped through this step's
-    parameterisation: ``dt * (v(o) - v(o_prev))`` at the current sample (zero at the first step).
+    parameterisation: ``dt * (v(o) - v(o_prev)) = dt vo (o - o_prev)`` (zero at the first step).
     """
     dt = step.t_next - step.t
     share_of_segment = dt / time_to_window_end(step)
     if previous_output is None:
         output_change = torch.zeros_like(velocity)
     else:
-        output_change = dt * (velocity - velocity_and_window_end(prediction_type, previous_output, sample, step)[0])
+        k = StepCoefficients.of(prediction_type, step)
+        output_change = dt * (velocity - torch.add(sample * k.vz, previous_output, alpha=k.vo))
     return [dt * velocity, share_of_segment * window_end, output_change]
 
 
-def theta_is_zero(theta_row: Optional[torch.Tensor]) -> bool:
-    return theta_row is None or (not theta_row.requires_grad and not bool(theta_row.any()))
+def apply_step(
+    coefficients: StepCoefficients, output: torch.Tensor, sample: torch.Tensor, previous_output: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The next sample and, when theta changes the step, a 0-d device flag: the corrected step was not finite
+    where the original one was, so the original step was used (the caller warns once, after its loop)."""
+    corrected = coefficients.next_sample(sample, output, previous_output)
+    if not coefficients.corrected:
+        return corrected, None
+    fell_back = ~torch.isfinite(corrected).all()
+    return torch.where(fell_back, coefficients.original_step(sample, output), corrected), fell_back
 
 
 def perflow_step(
@@ -73,7 +170,7 @@ def perflow_step(
     step_index: Optional[int] = None,
     timestep: Optional[float] = None,
 ) -> StepResult:
-    """One step from ``step.t`` to ``step.t_next``.
+    """One step from ``step.t`` to ``step.t_next``, checked on the spot (a sampling loop checks after the loop).
 
     Args:
         prediction_type: ``diff_eps``, ``ddim_eps`` or ``velocity`` (already canonical).
@@ -82,27 +179,25 @@ def perflow_step(
         step: the step and its segment (``Segments.step_at``).
         theta_row: this segment's theta row ``[3]``; ``None`` or zeros give the original step.
         previous_output: the raw model output of the previous step, for theta's third column.
-        step_index, timestep: only used in error messages.
+        step_index, timestep: only used in messages.
     """
     if not bool(torch.isfinite(model_output).all()):
-        raise FloatingPointError(
-            f"the model output contains NaN or Inf at step {step_index} (timestep {timestep}); "
-            "check the model, its dtype (fp16 overflow) and the input latents"
-        )
-    velocity, window_end = velocity_and_window_end(prediction_type, model_output, sample, step)
-    dt = step.t_next - step.t
-    base = sample + dt * velocity
-    prev_sample = base
-    if not theta_is_zero(theta_row):
-        features = theta_features(prediction_type, sample, velocity, window_end, previous_output, step)
-        correction = sum(theta_row[j].to(sample.dtype) * f for j, f in enumerate(features))
-        prev_sample = base + correction
-        if not bool(torch.isfinite(prev_sample).all()) and bool(torch.isfinite(base).all()):
-            logger.warning(
-                "theta correction gave NaN/Inf at step %s (timestep %s, segment %d); using the theta = 0 step",
-                step_index,
-                timestep,
-                step.index,
-            )
-            prev_sample = base
-    return StepResult(prev_sample, velocity, window_end, sample, step)
+        raise nonfinite_output_error(step_index, timestep)
+    row = None if theta_row is None or (not theta_row.requires_grad and not bool(theta_row.any())) else theta_row
+    coefficients = StepCoefficients.of(prediction_type, step, row, previous_output is not None)
+    prev_sample, fell_back = apply_step(coefficients, model_output, sample, previous_output)
+    if fell_back is not None and bool(fell_back):
+        warn_fallback([(step_index, timestep, step.index)])
+    return StepResult(prev_sample, sample, model_output, coefficients)
+
+
+def nonfinite_output_error(step_index: Optional[int], timestep: Optional[float]) -> FloatingPointError:
+    return FloatingPointError(
+        f"the model output contains NaN or Inf at step {step_index} (timestep {timestep}); "
+        "check the model, its dtype (fp16 overflow) and the input latents"
+    )
+
+
+def warn_fallback(places: list) -> None:
+    steps = ", ".join(f"step {i} (timestep {t}, segment {k})" for i, t, k in places)
+    logger.warning("theta correction gave NaN/Inf at %s; using the theta = 0 step there", steps)

@@ -56,11 +56,12 @@ def as_theta(value: Any, num_segments: int, name: str = "theta") -> torch.Tensor
 
 
 def theta_rows_like(theta: torch.Tensor, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
-    """theta's rows for one sampling run, on ``like``'s device and dtype, None where a row is zero (the original
-    step). Done once per run: the per-step code then neither copies theta nor waits on the device to test it."""
+    """theta's rows for one sampling run, None where a row is zero (the original step). A fixed theta stays float64 on
+    the CPU (folded into each step's scalar coefficients before the loop); a theta that learns goes to ``like``'s
+    device and dtype, keeping its graph."""
     if theta.requires_grad:
         return [row.to(like) for row in theta]
-    return [row.to(like) if bool(row.any()) else None for row in theta]
+    return [row if bool(row.any()) else None for row in theta.detach().cpu()]
 
 
 def theta_to_list(theta: torch.Tensor) -> list[list[float]]:

@@ -137,13 +137,13 @@ def test_learn_theta_makes_the_samples_differentiable_in_theta():
     assert scheduler.theta.grad is not None and scheduler.theta.grad.abs().sum() > 0
 
 
-def test_theta_rows_for_a_run_are_none_where_zero_and_in_the_samples_dtype():
+def test_theta_rows_for_a_run_are_none_where_zero_and_exact():
     from perflow_core.theta import theta_rows_like
 
-    theta = torch.tensor([[0.0, 0.0, 0.0], [0.5, -0.25, 0.0]], dtype=torch.float64)
+    theta = torch.tensor([[0.0, 0.0, 0.0], [0.5, -0.25, 1e-9]], dtype=torch.float64)
     rows = theta_rows_like(theta, torch.zeros(2, dtype=torch.float16))
     assert rows[0] is None
-    assert rows[1].dtype == torch.float16 and rows[1].tolist() == [0.5, -0.25, 0.0]
+    assert rows[1].dtype == torch.float64 and rows[1].tolist() == [0.5, -0.25, 1e-9]
 
 
 def test_theta_rows_of_a_learning_theta_keep_its_gradient():
