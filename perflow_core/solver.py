@@ -69,13 +69,14 @@ class StepCoefficients:
         if isinstance(self.a, torch.Tensor):  # learning theta: keep the graph
             result = self.a.to(sample) * sample + self.b.to(sample) * output
             return result if previous_output is None else result + self.c.to(sample) * previous_output
-        result = torch.add(sample, output, alpha=self.b) if self.a == 1.0 else torch.add(sample * self.a, output, alpha=self.b)
+        # z + (a - 1) z keeps z's own bits: a is close to 1 and the step a small change of z.
+        result = torch.add(sample, output, alpha=self.b) if self.a == 1.0 else torch.add(sample, sample, alpha=self.a - 1.0).add_(output, alpha=self.b)
         return result if previous_output is None or self.c == 0.0 else result.add_(previous_output, alpha=self.c)
 
     def original_step(self, sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The step without theta, ``z + dt v``."""
         dt = self.step.t_next - self.step.t
-        return torch.add(sample * (1.0 + dt * self.vz), output, alpha=dt * self.vo)
+        return torch.add(sample, sample, alpha=dt * self.vz).add_(output, alpha=dt * self.vo)
 
 
 def _preview_coefficients(step: SegmentStep, vz: float, vo: float) -> tuple[float, float]:
