@@ -40,7 +40,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tests' support package
 
-from support.comfyui import build_tiny_sd15_checkpoint, import_pack, load_checkpoint, pack_core, run_node  # noqa: E402
+from support.comfyui import FixedNoise, build_tiny_sd15_checkpoint, import_pack, load_checkpoint, pack_core, run_node  # noqa: E402
 
 THETA_TEXT = "0.1, 0.05, 0.2; 0.1, 0, 0.1; 0, 0.02, 0; 0.05, 0, 0"
 THETA_ROWS = [[0.1, 0.05, 0.2], [0.1, 0.0, 0.1], [0.0, 0.02, 0.0], [0.05, 0.0, 0.0]]
@@ -70,18 +70,6 @@ def interleaved_medians(runs: Dict[str, Callable[[], object]], args) -> Dict[str
 
 def free_forward(x, *args, **kwargs):
     return 0.1 * x
-
-
-class FixedNoise:
-    """The NOISE input of SamplerCustomAdvanced: the same noise every call."""
-
-    seed = 0
-
-    def __init__(self, noise: torch.Tensor):
-        self.noise = noise
-
-    def generate_noise(self, input_latent):
-        return self.noise.clone()
 
 
 def comfy_rows(args) -> list:

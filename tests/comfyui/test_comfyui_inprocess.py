@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from support.comfyui import (  # noqa: F401  (fixtures are used by name)
+    FixedNoise,
     PACK_NAME,
     build_tiny_sd15_checkpoint,
     comfy,
@@ -54,18 +55,6 @@ GRIDS = {
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-class FixedNoise:
-    """A NOISE object (like RandomNoise) that returns a given tensor."""
-
-    seed = 0
-
-    def __init__(self, noise: torch.Tensor):
-        self.noise = noise
-
-    def generate_noise(self, input_latent):
-        return self.noise.clone()
-
-
 @pytest.fixture(scope="session")
 def env(comfy, perflow_pack, tiny_sd15):
     """Everything the tests share: ComfyUI modules, our node classes, the tiny model and its conditioning."""

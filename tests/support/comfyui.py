@@ -412,3 +412,15 @@ def perflow_pack():
 def tiny_sd15(tiny_sd15_checkpoint):
     """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded once per session. Clone before patching."""
     return load_checkpoint(tiny_sd15_checkpoint)
+
+
+class FixedNoise:
+    """A NOISE object (like RandomNoise) that returns a given tensor."""
+
+    seed = 0
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+
+    def generate_noise(self, input_latent):
+        return self.noise.clone()
