@@ -1,3 +1,5 @@
+"""Shared by every test group: offline Hugging Face, and the reference trajectories of ../shared/reference."""
+
 import os
 from pathlib import Path
 

@@ -1,3 +1,5 @@
+"""``python -m perflow_core.lab``: the `perflow` command line."""
+
 import sys
 
 from .cli import main

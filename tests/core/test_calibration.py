@@ -1,3 +1,5 @@
+"""Calibrating theta: per-segment least squares along the sampler's own states, against a teacher."""
+
 import pytest
 import torch
 

@@ -1,3 +1,5 @@
+"""Segments: the original's uniform windows and timestep grid, explicit boundaries, and where a step lies."""
+
 import numpy as np
 import pytest
 

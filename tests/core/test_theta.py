@@ -1,3 +1,5 @@
+"""theta: its forms (vector, matrix, typed text), the step being linear in it, and its fallbacks."""
+
 import math
 
 import pytest

@@ -1,3 +1,5 @@
+"""PerflowScheduler as a diffusers scheduler: config, timesteps, step, add_noise, state dicts, loading."""
+
 import json
 import logging
 

@@ -1,3 +1,5 @@
+"""The `perflow` command line: calibrate and write-theta on the analytic model."""
+
 from perflow_core.lab.cli import main
 
 

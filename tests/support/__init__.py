@@ -1,0 +1,1 @@
+"""Test support (not tests): ComfyUI, server, diffusers and stand-in helpers the test groups share."""
