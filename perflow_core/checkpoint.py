@@ -61,7 +61,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .settings import FIELD_NAMES, PerflowSettings
+from .settings import FIELD_NAMES, PerflowSettings, check_stored_size
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def perflow_keys_present(path: PathLike) -> List[str]:
         keys = list(checkpoint.keys())
         if isinstance(checkpoint.get(NESTED_WEIGHTS_KEY), Mapping):
             keys += list(checkpoint[NESTED_WEIGHTS_KEY].keys())
-        if isinstance(checkpoint.get(NESTED_SETTINGS_KEY), Mapping):
-            keys += [f"perflow.{field}" for field in checkpoint[NESTED_SETTINGS_KEY]]
+        with _naming(path):
+            keys += [f"perflow.{field}" for field in _nested_settings(checkpoint) or {}]
     return sorted({f"perflow.{_perflow_field(key)}" for key in keys if _is_perflow_key(key)})
 
 
@@ -258,8 +258,10 @@ def _metadata_value(key: str, field: str, text: str) -> Any:
         return text
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{key} in the metadata is nested too deeply; expected JSON such as '4' or '[1000, 500, 0]'") from None
     except (TypeError, ValueError):
-        raise ValueError(f"{key} in the metadata must be JSON, e.g. '4' or '[1000, 500, 0]'; got {text!r}") from None
+        raise ValueError(f"{key} in the metadata must be JSON, e.g. '4' or '[1000, 500, 0]'; got {text[:80]!r}") from None
 
 
 def _safetensors_entries(path: Path) -> Entries:
@@ -268,6 +270,7 @@ def _safetensors_entries(path: Path) -> Entries:
     with _open_safetensors(path) as handle, _naming(path):
         for key in handle.keys():
             if _is_perflow_key(key):
+                check_stored_size(tuple(handle.get_slice(key).get_shape()), key)
                 _add_entry(entries, key, handle.get_tensor(key))
         _collect_metadata(handle.metadata(), entries)
     return entries
@@ -281,8 +284,8 @@ def _pickle_entries(path: Path) -> Entries:
 
 def _dict_entries(checkpoint: Mapping[str, Any]) -> Entries:
     entries: Entries = {}
-    nested = checkpoint.get(NESTED_SETTINGS_KEY)
-    if isinstance(nested, Mapping):
+    nested = _nested_settings(checkpoint)
+    if nested is not None:
         for field, value in nested.items():
             _add_entry(entries, f"perflow.{field}", value, field=str(field))
     _collect_flat(checkpoint, entries)
@@ -290,6 +293,16 @@ def _dict_entries(checkpoint: Mapping[str, Any]) -> Entries:
     if isinstance(weights, Mapping):
         _collect_flat(weights, entries)
     return entries
+
+
+def _nested_settings(checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The ``{"perflow": {...}}`` entry, if any; anything else under that key would drop the settings silently."""
+    nested = checkpoint.get(NESTED_SETTINGS_KEY)
+    if nested is not None and not isinstance(nested, Mapping):
+        raise ValueError(
+            f"the {NESTED_SETTINGS_KEY!r} entry must be a dict of settings ({', '.join(PERFLOW_FIELDS)}); got a {type(nested).__name__}"
+        )
+    return nested
 
 
 def _model_weights(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:

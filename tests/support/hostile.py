@@ -1,0 +1,38 @@
+"""Hostile inputs for the refusal tests: small files that declare huge sizes, and a subprocess that runs code under
+a memory cap (a memory bomb must never run uncapped in a test)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Far below the 4-24 GB the bombs asked for, far above what reading a small file needs (torch itself maps ~1 GB).
+MEMORY_CAP_BYTES = 3 * 2**30
+
+
+def safetensors_file(path: Path, tensors: dict = None, metadata: dict = None) -> Path:
+    """A safetensors file holding ``tensors`` (a one-number weight when none) and string ``metadata``."""
+    save_file(tensors or {"weight": torch.zeros(1)}, str(path), metadata=metadata)
+    return path
+
+
+def pickle_file(path: Path, content) -> Path:
+    torch.save(content, path)
+    return path
+
+
+def run_capped(code: str, cap_bytes: int = MEMORY_CAP_BYTES, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run Python ``code`` in a subprocess whose address space is capped at ``cap_bytes``, the repository
+    importable; returns the finished process (stdout, stderr, returncode)."""
+    prelude = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({cap_bytes}, {cap_bytes}))\n"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=environment
+    )
