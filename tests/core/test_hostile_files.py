@@ -10,7 +10,7 @@ import torch
 from perflow_core import PerflowScheduler
 from perflow_core.checkpoint import read_perflow_settings, split_perflow_state_dict
 from perflow_core.settings import MAX_STORED_NUMBERS, NUM_TRAIN_TIMESTEPS_RANGE
-from tests.support.hostile import pickle_file, run_capped, safetensors_file
+from support.hostile import pickle_file, run_capped, safetensors_file
 
 BILLION = 10**9
 NOT_NUMBERS = "must hold numbers"

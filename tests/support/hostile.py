@@ -36,3 +36,24 @@ def run_capped(code: str, cap_bytes: int = MEMORY_CAP_BYTES, timeout: float = 12
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=environment
     )
+
+
+def damaged_copies(source: Path, folder: Path) -> dict:
+    """Damaged versions of ``source`` in ``folder`` (same extension), by kind of damage: name -> file name."""
+    data = source.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little") if source.suffix == ".safetensors" else len(data) // 2
+    damages = {
+        "empty": b"",
+        "four_bytes": data[:4],
+        "header_only": data[:header_end],
+        "cut_in_the_header": data[: header_end // 2],
+        "cut_in_the_data": data[: (header_end + len(data)) // 2],
+        "random_bytes": bytes(range(256)) * 4,
+        "zeroed_header": bytes(min(header_end, 64)) + data[min(header_end, 64) :],
+        "huge_header_length": (2**62).to_bytes(8, "little") + data[8:],
+    }
+    files = {}
+    for name, content in damages.items():
+        files[name] = f"damaged_{name}{source.suffix}"
+        (folder / files[name]).write_bytes(content)
+    return files
