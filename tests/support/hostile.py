@@ -31,11 +31,22 @@ def pickle_file(path: Path, content) -> Path:
 def run_capped(code: str, cap_bytes: int = MEMORY_CAP_BYTES, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run Python ``code`` in a subprocess whose address space is capped at ``cap_bytes``, the repository
     importable; returns the finished process (stdout, stderr, returncode)."""
+    return subprocess.run(_capped_command(code, cap_bytes), capture_output=True, text=True, timeout=timeout, env=_environment())
+
+
+def start_capped(code: str, cap_bytes: int = MEMORY_CAP_BYTES) -> subprocess.Popen:
+    """Start ``code`` as `run_capped` does, without waiting (for races between processes)."""
+    return subprocess.Popen(_capped_command(code, cap_bytes), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment())
+
+
+def _capped_command(code: str, cap_bytes: int) -> list:
     prelude = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({cap_bytes}, {cap_bytes}))\n"
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=environment
-    )
+    return [sys.executable, "-c", prelude + textwrap.dedent(code)]
+
+
+def _environment() -> dict:
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def damaged_copies(source: Path, folder: Path) -> dict:
