@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..perflow_core.calibration import calibrate_theta
 from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint, write_under_free_name
-from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, perflow_sigmas
+from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
 from .glue import PerflowChoice, choice_or_default, with_perflow_timesteps
 from .settings_node import Perflow, optional_perflow_input
@@ -41,6 +41,7 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
     def calibration_function(wrapped, x, sigmas, extra_args=None, callback=None, disable=None):
         space = ModelSpace.of(model_sampling_of(wrapped))
         settings = choice.resolved_for(wrapped.inner_model.inner_model)
+        check_parameterisation(settings, space)
         fit = seeded_noise(shape, range(seed, seed + samples)).to(x)
         held_out = seeded_noise(shape, range(seed + HOLDOUT_SEED_OFFSET, seed + HOLDOUT_SEED_OFFSET + holdout)).to(x)
         model_fn = comfy_model_fn(wrapped, extra_args, space)
