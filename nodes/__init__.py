@@ -23,6 +23,11 @@ NODES = [
 ]
 
 
+# At import: ComfyUI 0.3.64 imports the pack but never calls ComfyExtension.on_load (later versions do; then
+# register_dropdowns finds its entries there and does nothing).
+register_dropdowns()
+
+
 class PerflowExtension(ComfyExtension):
     async def on_load(self) -> None:
         register_dropdowns()

@@ -11,8 +11,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..perflow_core.calibration import calibrate_theta
-from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint
-from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, perflow_sigmas
+from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint, write_under_free_name
+from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
 from .glue import PerflowChoice, choice_or_default, with_perflow_timesteps
 from .settings_node import Perflow, optional_perflow_input
@@ -41,6 +41,7 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
     def calibration_function(wrapped, x, sigmas, extra_args=None, callback=None, disable=None):
         space = ModelSpace.of(model_sampling_of(wrapped))
         settings = choice.resolved_for(wrapped.inner_model.inner_model)
+        check_parameterisation(settings, space)
         fit = seeded_noise(shape, range(seed, seed + samples)).to(x)
         held_out = seeded_noise(shape, range(seed + HOLDOUT_SEED_OFFSET, seed + HOLDOUT_SEED_OFFSET + holdout)).to(x)
         model_fn = comfy_model_fn(wrapped, extra_args, space)
@@ -56,15 +57,6 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
     empty = torch.zeros((1,) + tuple(shape))
     guider.sample(empty, empty, comfy.samplers.KSAMPLER(calibration_function), sigmas, seed=seed)
     return found["settings"], found["report"]
-
-
-def first_free_path(folder: str, name: str) -> str:
-    """``folder/name.safetensors``, or ``name_1``, ``name_2``, ... if taken: saving never overwrites."""
-    path, count = os.path.join(folder, f"{name}.safetensors"), 0
-    while os.path.exists(path):
-        count += 1
-        path = os.path.join(folder, f"{name}_{count}.safetensors")
-    return path
 
 
 def chart_tensor(report) -> torch.Tensor:
@@ -151,13 +143,11 @@ class PerflowSaveThetaNode(io.ComfyNode):
         if ckpt_name == NO_CHECKPOINT:
             folder = folder_paths.get_folder_paths(THETA_FOLDER)[0]
             os.makedirs(folder, exist_ok=True)
-            path = first_free_path(folder, name)
-            save_theta_file(path, perflow.settings)
+            path = write_under_free_name(folder, name, ".safetensors", lambda new: save_theta_file(new, perflow.settings))
         else:
             source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-            path = first_free_path(os.path.dirname(source), name)
-            write_perflow_checkpoint(source, path, perflow.settings)
-        return io.NodeOutput(path, ui=ui.PreviewText(f"wrote {path}"))
+            path = write_under_free_name(os.path.dirname(source), name, ".safetensors", lambda new: write_perflow_checkpoint(source, new, perflow.settings))
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"wrote {path}"))
 
 
 class PerflowLoadThetaNode(io.ComfyNode):

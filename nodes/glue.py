@@ -9,7 +9,7 @@ from typing import Any, Optional
 import comfy.patcher_extension
 import comfy.samplers
 
-from ..perflow_core.k_sampling import ModelSpace, model_sampling_of, sample_perflow
+from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, sample_perflow
 from ..perflow_core.settings import PerflowSettings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def sample_perflow_comfy(model, x, sigmas, extra_args=None, callback=None, disab
     base_model = model.inner_model.inner_model
     space = ModelSpace.of(model_sampling_of(model))
     settings = choice_or_default(choice).resolved_for(base_model)
+    check_parameterisation(settings, space)
     extra_args = with_perflow_timesteps(extra_args, space)
     return sample_perflow(model, x, sigmas, extra_args, callback, disable, settings=settings, space=space)
 

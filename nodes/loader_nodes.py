@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable, Mapping
 
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
@@ -18,6 +20,18 @@ logger = logging.getLogger(__name__)
 
 DELTA_FOLDER = "perflow_deltas"
 folder_paths.add_model_folder_path(DELTA_FOLDER, os.path.join(folder_paths.models_dir, DELTA_FOLDER))
+
+
+def read_named(input_name: str, value: str, read: Callable[[], Any]) -> Any:
+    """``read()``, with any failure to read the file (a damaged or foreign file raises SafetensorError,
+    UnpicklingError, RuntimeError, ... depending on the library) as a ValueError naming the node input."""
+    try:
+        return read()
+    except ValueError as error:
+        raise ValueError(f"{input_name} {value!r}: {error}") from None
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:200] or type(error).__name__
+        raise ValueError(f"{input_name} {value!r} is damaged or not a model file ({type(error).__name__}: {reason})") from None
 
 
 def load_weights_and_settings(path: str):
@@ -58,10 +72,7 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        try:
-            weights, metadata, settings, has_prediction_type = load_weights_and_settings(path)
-        except ValueError as error:
-            raise ValueError(f"ckpt_name {ckpt_name!r}: {error}") from None
+        weights, metadata, settings, has_prediction_type = read_named("ckpt_name", ckpt_name, lambda: load_weights_and_settings(path))
         loaded = comfy.sd.load_state_dict_guess_config(
             weights,
             output_vae=True,
@@ -82,6 +93,13 @@ def diffusers_to_comfy_keys(model) -> dict[str, str]:
     """diffusers UNet key -> ComfyUI state-dict key (with the diffusion_model. prefix)."""
     mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
     return {diffusers_key: "diffusion_model." + comfy_key for diffusers_key, comfy_key in mapping.items()}
+
+
+def tensors_only(delta: Any) -> Mapping[str, torch.Tensor]:
+    """A delta must be a dict of tensors (a pickle may hold anything)."""
+    if not isinstance(delta, Mapping) or not all(isinstance(value, torch.Tensor) for value in delta.values()):
+        raise ValueError(f"expected a dict of weight tensors; the file holds a {type(delta).__name__} that is not one")
+    return delta
 
 
 def delta_patches(model, delta: dict) -> tuple[dict, list[str]]:
@@ -125,7 +143,7 @@ class PerflowApplyDeltaNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, delta_name: str, strength: float) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(DELTA_FOLDER, delta_name)
-        delta = comfy.utils.load_torch_file(path, safe_load=True)
+        delta = read_named("delta_name", delta_name, lambda: tensors_only(comfy.utils.load_torch_file(path, safe_load=True)))
         try:
             patches, unknown = delta_patches(model, delta)
         except ValueError as error:

@@ -46,12 +46,13 @@ segments, theta = 0, ``ddim_eps``, T = 1000). theta must have one row per segmen
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import pickle
 import re
-import tempfile
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -61,7 +62,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .settings import FIELD_NAMES, PerflowSettings
+from .settings import FIELD_NAMES, PerflowSettings, check_stored_size
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ def perflow_keys_present(path: PathLike) -> List[str]:
         keys = list(checkpoint.keys())
         if isinstance(checkpoint.get(NESTED_WEIGHTS_KEY), Mapping):
             keys += list(checkpoint[NESTED_WEIGHTS_KEY].keys())
-        if isinstance(checkpoint.get(NESTED_SETTINGS_KEY), Mapping):
-            keys += [f"perflow.{field}" for field in checkpoint[NESTED_SETTINGS_KEY]]
+        with _naming(path):
+            keys += [f"perflow.{field}" for field in _nested_settings(checkpoint) or {}]
     return sorted({f"perflow.{_perflow_field(key)}" for key in keys if _is_perflow_key(key)})
 
 
@@ -173,6 +174,7 @@ def write_perflow_checkpoint(
     destination: PathLike,
     settings: PerflowSettings,
     extra_metadata: Optional[Mapping[str, str]] = None,
+    overwrite: bool = False,
 ) -> None:
     """Write a new checkpoint: ``source``'s weights (and metadata) with its PeRFlow entries replaced by ``settings``.
 
@@ -182,24 +184,44 @@ def write_perflow_checkpoint(
             safetensors destination; a pickle source may go to either (a pickle keeps its layout).
         settings: the PeRFlow settings to store.
         extra_metadata: further safetensors metadata (string to string, no ``perflow.*`` keys).
+        overwrite: replace an existing ``destination``; without it the file is created exclusively and an
+            existing one raises FileExistsError.
     """
     source, destination = _existing_file(source), Path(destination)
+    if not overwrite and os.path.lexists(destination):
+        raise _exists(destination)
     _refuse_same_file(source, destination)
     settings = _revalidated(settings)
     extra = _checked_extra_metadata(extra_metadata)
     if _file_kind(source) == "safetensors":
-        _rewrite_safetensors(source, destination, settings, extra)
+        _rewrite_safetensors(source, destination, settings, extra, overwrite)
     else:
-        _rewrite_pickle(source, destination, settings, extra)
+        _rewrite_pickle(source, destination, settings, extra, overwrite)
 
 
-def save_theta_file(path: PathLike, settings: PerflowSettings) -> None:
-    """Write a small safetensors file holding only the ``perflow.*`` tensors and metadata."""
+def save_theta_file(path: PathLike, settings: PerflowSettings, overwrite: bool = False) -> None:
+    """Write a small safetensors file holding only the ``perflow.*`` tensors and metadata.
+
+    The file is created exclusively: an existing ``path`` raises FileExistsError unless ``overwrite``."""
     path = Path(path)
     if _file_kind(path) != "safetensors":
         raise ValueError(f"{path}: a theta file is safetensors; give it a {' or '.join(SAFETENSORS_EXTENSIONS)} name")
     settings = _revalidated(settings)
-    _save_safetensors(path, _perflow_tensors(settings), _perflow_metadata(settings))
+    _save_safetensors(path, _perflow_tensors(settings), _perflow_metadata(settings), overwrite)
+
+
+def write_under_free_name(folder: PathLike, name: str, suffix: str, write: Callable[[Path], None]) -> Path:
+    """``write(path)`` to ``folder/name<suffix>``, or ``name_1``, ``name_2``, ... when taken: ``write`` creates
+    its file exclusively (FileExistsError when it exists, as `save_theta_file` and `write_perflow_checkpoint`),
+    so two writers racing for one name each get their own file. Returns the path written."""
+    for count in itertools.count():
+        path = Path(folder) / (f"{name}{suffix}" if count == 0 else f"{name}_{count}{suffix}")
+        try:
+            write(path)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 # -------------------------------------------------------------------------------------- entries
@@ -258,8 +280,10 @@ def _metadata_value(key: str, field: str, text: str) -> Any:
         return text
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{key} in the metadata is nested too deeply; expected JSON such as '4' or '[1000, 500, 0]'") from None
     except (TypeError, ValueError):
-        raise ValueError(f"{key} in the metadata must be JSON, e.g. '4' or '[1000, 500, 0]'; got {text!r}") from None
+        raise ValueError(f"{key} in the metadata must be JSON, e.g. '4' or '[1000, 500, 0]'; got {text[:80]!r}") from None
 
 
 def _safetensors_entries(path: Path) -> Entries:
@@ -268,6 +292,7 @@ def _safetensors_entries(path: Path) -> Entries:
     with _open_safetensors(path) as handle, _naming(path):
         for key in handle.keys():
             if _is_perflow_key(key):
+                check_stored_size(tuple(handle.get_slice(key).get_shape()), key)
                 _add_entry(entries, key, handle.get_tensor(key))
         _collect_metadata(handle.metadata(), entries)
     return entries
@@ -281,8 +306,8 @@ def _pickle_entries(path: Path) -> Entries:
 
 def _dict_entries(checkpoint: Mapping[str, Any]) -> Entries:
     entries: Entries = {}
-    nested = checkpoint.get(NESTED_SETTINGS_KEY)
-    if isinstance(nested, Mapping):
+    nested = _nested_settings(checkpoint)
+    if nested is not None:
         for field, value in nested.items():
             _add_entry(entries, f"perflow.{field}", value, field=str(field))
     _collect_flat(checkpoint, entries)
@@ -290,6 +315,16 @@ def _dict_entries(checkpoint: Mapping[str, Any]) -> Entries:
     if isinstance(weights, Mapping):
         _collect_flat(weights, entries)
     return entries
+
+
+def _nested_settings(checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """The ``{"perflow": {...}}`` entry, if any; anything else under that key would drop the settings silently."""
+    nested = checkpoint.get(NESTED_SETTINGS_KEY)
+    if nested is not None and not isinstance(nested, Mapping):
+        raise ValueError(
+            f"the {NESTED_SETTINGS_KEY!r} entry must be a dict of settings ({', '.join(PERFLOW_FIELDS)}); got a {type(nested).__name__}"
+        )
+    return nested
 
 
 def _model_weights(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
@@ -401,21 +436,49 @@ def _refuse_same_file(source: Path, destination: Path) -> None:
         raise ValueError(f"destination {destination} is the source file; write the new checkpoint to another path")
 
 
-def _write_atomically(destination: Path, write: Callable[[str], None]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    os.close(descriptor)
+def _write_new_file(destination: Path, write: Callable[[str], None], overwrite: bool) -> None:
+    """Write through a temporary file in the same folder, then put it in place at once: as a new file (a hard
+    link, which fails if ``destination`` exists, so two writers never replace each other's file) or, with
+    ``overwrite``, replacing what is there. The file gets the process umask's mode, as ``open`` gives."""
+    temporary = _new_temporary(destination)
+    mode = stat.S_IMODE(os.stat(temporary).st_mode)
     try:
-        write(temporary)
-        os.replace(temporary, destination)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+        write(str(temporary))
+        os.chmod(temporary, mode)  # a writer that replaces the file (safetensors does) leaves its own 0600
+        if overwrite:
+            os.replace(temporary, destination)
+        else:
+            _link_new(temporary, destination)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
-def _save_safetensors(destination: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+def _new_temporary(destination: Path) -> Path:
+    """An empty file beside ``destination``, created exclusively with mode 0o666 less the umask."""
+    while True:
+        candidate = destination.with_name(f".{destination.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _link_new(temporary: Path, destination: Path) -> None:
+    try:
+        os.link(temporary, destination)
+    except FileExistsError:
+        raise _exists(destination) from None
+
+
+def _exists(destination: Path) -> FileExistsError:
+    return FileExistsError(f"{destination} exists; it is never replaced (pass overwrite=True to replace it)")
+
+
+def _save_safetensors(destination: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], overwrite: bool) -> None:
     storable = _unshared(tensors)
-    _write_atomically(destination, lambda temporary: save_file(storable, temporary, metadata=metadata))
+    _write_new_file(destination, lambda temporary: save_file(storable, temporary, metadata=metadata), overwrite)
 
 
 def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -437,25 +500,25 @@ def _only_tensors(weights: Mapping[str, Any], source: Path) -> Dict[str, torch.T
 
 
 # --------------------------------------------------------------------------------------- writing
-def _rewrite_safetensors(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str]) -> None:
+def _rewrite_safetensors(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str], overwrite: bool) -> None:
     if _file_kind(destination) != "safetensors":
         raise ValueError(f"{destination}: a safetensors source is written to a .safetensors destination only")
     tensors, metadata = _load_safetensors(source)
     metadata = {**_without_perflow(metadata), **extra, **_perflow_metadata(settings)}
-    _save_safetensors(destination, {**_without_perflow(tensors), **_perflow_tensors(settings)}, metadata)
+    _save_safetensors(destination, {**_without_perflow(tensors), **_perflow_tensors(settings)}, metadata, overwrite)
 
 
-def _rewrite_pickle(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str]) -> None:
+def _rewrite_pickle(source: Path, destination: Path, settings: PerflowSettings, extra: Dict[str, str], overwrite: bool) -> None:
     checkpoint = _load_pickle(source)
     if _file_kind(destination) == "safetensors":
         weights = _only_tensors(_model_weights(checkpoint), source)
         metadata = {"format": "pt", **extra, **_perflow_metadata(settings)}
-        _save_safetensors(destination, {**weights, **_perflow_tensors(settings)}, metadata)
+        _save_safetensors(destination, {**weights, **_perflow_tensors(settings)}, metadata, overwrite)
         return
     if extra:
         raise ValueError(f"{destination}: extra_metadata needs a .safetensors destination (torch pickles have no metadata)")
     updated = _with_perflow_entries(checkpoint, settings)
-    _write_atomically(destination, lambda temporary: torch.save(updated, temporary))
+    _write_new_file(destination, lambda temporary: torch.save(updated, temporary), overwrite)
 
 
 def _revalidated(settings: PerflowSettings) -> PerflowSettings:

@@ -25,6 +25,7 @@ from .settings import PerflowSettings
 logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("eps", "v", "flow")
+FLOW_TIMESTEPS = 1000
 # Sigmas further than this (relative) from a training sigma are snapped to it, with a warning.
 _SNAP_TOLERANCE = 1e-3
 
@@ -50,7 +51,9 @@ class ModelSpace:
         """Read a ComfyUI ``model_sampling`` object by duck typing (its class names and tables)."""
         names = {c.__name__ for c in type(model_sampling).__mro__}
         if "CONST" in names:
-            return cls("flow", None, int(getattr(model_sampling, "multiplier", 1000)))
+            # PeRFlow time is the flow's sigma; its grid is counted in 1000 steps whatever the model's timestep
+            # multiplier (1000 for SD3/Flux, 1.0 for AuraFlow, Lumina2, ...): ComfyUI applies the multiplier itself.
+            return cls("flow", None, FLOW_TIMESTEPS)
         kind = "v" if "V_PREDICTION" in names else "eps" if "EPS" in names else None
         if kind is None or "ModelSamplingDiscrete" not in names:
             raise ValueError(
@@ -193,6 +196,15 @@ def sample_perflow(
 
     z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
     return space.from_path(z, sigma_at[timesteps[-1]])
+
+
+def check_parameterisation(settings: PerflowSettings, space: ModelSpace, name: str = "parameterisation") -> None:
+    """An eps parameterisation reads the output as DDPM noise: a flow (CONST) model's output is a velocity."""
+    if space.kind == "flow" and settings.prediction_type != "velocity":
+        raise ValueError(
+            f"{name} {settings.prediction_type} cannot drive a flow (CONST) model: its output is a velocity, not DDPM "
+            "noise; use velocity (or auto)"
+        )
 
 
 def check_num_train_timesteps(settings: PerflowSettings, space: ModelSpace) -> None:

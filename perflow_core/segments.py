@@ -184,8 +184,8 @@ def validate_boundaries(boundaries: Sequence[float], num_train_timesteps: int = 
         boundaries = boundaries.detach().cpu().flatten().tolist()
     try:
         values = [_real(b) for b in boundaries]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {accepted}; got {boundaries!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be {accepted}; got {short_repr(boundaries)}") from None
     if len(values) < 2:
         raise ValueError(f"{name} needs at least 2 entries ({accepted}); got {values}")
     if len(values) > num_train_timesteps + 1:
@@ -198,12 +198,24 @@ def validate_boundaries(boundaries: Sequence[float], num_train_timesteps: int = 
         raise ValueError(f"{name} must start at the noise end ({accepted}); got {values}")
     if values[-1] != 0:
         raise ValueError(f"{name} must end at 0 ({accepted}); got {values}")
+    narrow = [(earlier, later) for earlier, later in zip(values, values[1:]) if earlier - later < 1]
+    if narrow:
+        raise ValueError(f"{name}: each segment must be at least one training timestep wide; {narrow[0][0]:g} to {narrow[0][1]:g} is not")
     values[0] = float(num_train_timesteps)
     return values
 
 
 def _real(value: object) -> float:
-    """A number given as a number or as text (typed boundaries); never a bool."""
-    if isinstance(value, bool):
-        raise TypeError("a bool is not a timestep")
+    """A number (an int or a float); never a bool or text (typed text is split into numbers before)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError("a timestep is a number")
     return float(value)
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """A value for an error message, cut short (a hostile value can be huge, or too long to print)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

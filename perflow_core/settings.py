@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .parameterization import canonical_prediction_type
-from .segments import Segments, validate_boundaries, validate_num_segments
+from .segments import Segments, short_repr, validate_boundaries, validate_num_segments
 from .theta import as_theta, parse_theta_text
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,11 @@ FORMAT_VERSION = "0.1"
 DEFAULT_SEGMENTS = 4
 DEFAULT_PREDICTION_TYPE = "ddim_eps"
 DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
+# T (and so K <= T) is bounded before anything sized by it is allocated: theta [K, 3], the [T] noise schedule.
+# Released models use 1000; 100000 leaves a wide margin and keeps every such table below a few MB.
+NUM_TRAIN_TIMESTEPS_RANGE = (2, 100_000)
+# The most numbers a stored setting may hold (theta [K, 3] with K <= T), checked before it is read or converted.
+MAX_STORED_NUMBERS = 3 * NUM_TRAIN_TIMESTEPS_RANGE[1]
 # Where an img2img start inside a segment is put: the original's DDPM marginal at that timestep (its add_noise),
 # or the point on the segment's straight path between its noised ends (an option of this project).
 IMG2IMG_STARTS = ("original", "straight_path")
@@ -95,7 +100,7 @@ class PerflowSettings:
         names: Optional[Mapping[str, str]] = None,
     ):
         name = {**{f: f for f in FIELD_NAMES}, **(names or {})}
-        steps = _whole_number(num_train_timesteps, name["num_train_timesteps"], minimum=2)
+        steps = _train_timesteps(num_train_timesteps, name["num_train_timesteps"])
         boundaries = _boundaries(segment_boundaries, steps, name["segment_boundaries"])
         count = _segment_count(segments, boundaries, theta, steps, name)
         theta_value = _theta(theta, count, name["theta"], name["segments"] if boundaries is None else name["segment_boundaries"])
@@ -162,6 +167,10 @@ class PerflowSettings:
         """The step count to sample with: at least one step per segment. Fewer are raised to K with a warning,
         as the original PeRFlow does."""
         steps = _whole_number(requested, name, minimum=1)
+        if steps > self.num_train_timesteps:
+            raise ValueError(
+                f"{name}={steps} is above num_train_timesteps={self.num_train_timesteps}: each step needs its own training timestep"
+            )
         if steps < self.segments:
             logger.warning("%s=%d is below the number of segments K=%d; using %d (one step per segment)", name, steps, self.segments, self.segments)
             return self.segments
@@ -233,6 +242,22 @@ class PerflowSettings:
 
 
 # ------------------------------------------------------------------------------------- field checks
+def check_stored_size(shape: Tuple[int, ...], name: str) -> None:
+    """Refuse a stored setting holding more numbers than any valid one can (read from a file's header, before
+    its data is read)."""
+    count = int(np.prod(shape, dtype=object)) if len(shape) else 1
+    if count > MAX_STORED_NUMBERS:
+        raise ValueError(f"{name} holds {count} numbers (shape {list(shape)}); a PeRFlow setting holds at most {MAX_STORED_NUMBERS}")
+
+
+def _train_timesteps(value: Any, name: str) -> int:
+    low, high = NUM_TRAIN_TIMESTEPS_RANGE
+    number = _as_whole_number(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}]; got {short_repr(value)}")
+    return number
+
+
 def _whole_number(value: Any, name: str, minimum: int) -> int:
     number = _as_whole_number(value)
     if number is None or number < minimum:
@@ -255,17 +280,52 @@ def _as_whole_number(value: Any) -> Optional[int]:
 
 
 def _numbers(value: Any, name: str) -> Any:
-    """Tensors and text as plain numbers: a float64 tensor, or JSON / typed text parsed."""
+    """Tensors, arrays, lists and JSON text as a float64 tensor of real numbers (bools, text inside a list, None
+    and numbers beyond float64 are refused, as are more numbers than any setting holds); other text is left for
+    the caller to parse."""
+    if isinstance(value, str):
+        value = _json_or_text(value, name)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        check_stored_size(tuple(value.shape), name)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+        value = torch.from_numpy(value.astype(np.float64))
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must hold real numbers; got dtype {value.dtype}")
         return value.detach().cpu().to(torch.float64)
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+    if isinstance(value, (list, tuple)):
+        return _number_table(value, name)
     return value
+
+
+def _json_or_text(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{name} is nested too deeply to be a list of numbers") from None
+    except ValueError:
+        return text
+
+
+def _number_table(rows: Any, name: str) -> torch.Tensor:
+    """A list of numbers, or of rows of numbers, as a float64 tensor; each entry must be an int or a float."""
+    check_stored_size((sum(len(row) if isinstance(row, (list, tuple)) else 1 for row in rows),), name)
+    values = [[_real_number(v, name) for v in row] if isinstance(row, (list, tuple)) else _real_number(row, name) for row in rows]
+    try:
+        return torch.tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers: a list, or equally long rows; got {short_repr(rows)}") from None
+
+
+def _real_number(value: Any, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must hold numbers (not text, bools, None or lists nested deeper than rows); got {short_repr(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} holds a number too large for float64") from None
 
 
 def _boundaries(value: Any, num_train_timesteps: int, name: str) -> Optional[list]:
@@ -273,12 +333,20 @@ def _boundaries(value: Any, num_train_timesteps: int, name: str) -> Optional[lis
         return None
     value = _numbers(value, name)
     if isinstance(value, str):
-        value = value.replace(";", ",").replace(",", " ").split() or None
-        if value is None:
+        value = _typed_numbers(value, name)
+        if not value:
             return None
     if isinstance(value, torch.Tensor) and value.ndim != 1:
         raise ValueError(f"{name} must be a 1-D list of timesteps; got shape {list(value.shape)}")
     return validate_boundaries(value, num_train_timesteps, name)
+
+
+def _typed_numbers(text: str, name: str) -> list:
+    """Numbers typed by a person, separated by commas, semicolons or spaces."""
+    try:
+        return [float(token) for token in text.replace(";", ",").replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{name} must be numbers separated by commas, e.g. '999, 700, 400, 150, 0'; got {short_repr(text)}") from None
 
 
 def _segment_count(segments: Any, boundaries: Optional[list], theta: Any, num_train_timesteps: int, name: Mapping[str, str]) -> int:

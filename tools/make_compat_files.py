@@ -30,14 +30,14 @@ BOUNDARIES = [1000, 700, 300, 0]
 def main(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     settings = PerflowSettings(segment_boundaries=BOUNDARIES, theta=THETA, prediction_type="diff_eps")
-    save_theta_file(folder / "theta_file.safetensors", settings)
+    save_theta_file(folder / "theta_file.safetensors", settings, overwrite=True)
     weights = {"model.diffusion_model.w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     save_file(weights, str(folder / "weights.safetensors"), metadata={"format": "pt"})
-    write_perflow_checkpoint(folder / "weights.safetensors", folder / "checkpoint.safetensors", settings)
+    write_perflow_checkpoint(folder / "weights.safetensors", folder / "checkpoint.safetensors", settings, overwrite=True)
     torch.save({"state_dict": weights}, folder / "weights_nested.ckpt")
-    write_perflow_checkpoint(folder / "weights_nested.ckpt", folder / "checkpoint_nested.ckpt", settings)
+    write_perflow_checkpoint(folder / "weights_nested.ckpt", folder / "checkpoint_nested.ckpt", settings, overwrite=True)
     torch.save(weights, folder / "weights_flat.pt")
-    write_perflow_checkpoint(folder / "weights_flat.pt", folder / "checkpoint_flat.pt", PerflowSettings(segments=2, theta=[0.1, 0.2], prediction_type="velocity"))
+    write_perflow_checkpoint(folder / "weights_flat.pt", folder / "checkpoint_flat.pt", PerflowSettings(segments=2, theta=[0.1, 0.2], prediction_type="velocity"), overwrite=True)
     scheduler = PerflowScheduler(segment_boundaries=BOUNDARIES, theta_init=THETA, prediction_type="diff_eps", beta_schedule="linear")
     scheduler.save_pretrained(folder / "scheduler")
     torch.save(scheduler.state_dict(), folder / "scheduler_state_dict.pt")

@@ -85,7 +85,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         teacher = ode_teacher(solve, SamplingPlan.for_steps(settings, args.steps, alphas))
     report = calibrate_theta(model_fn, settings, args.steps, alphas, fit, held_out, teacher, args.teacher_multiplier)
     learned = settings.replace(theta=report.theta)
-    save_theta_file(args.output, learned)
+    save_theta_file(args.output, learned, overwrite=args.overwrite)
     teacher_name = (
         f"the exact probability-flow ODE of the analytic model (smoothing {smoothing})"
         if args.teacher == "exact"
@@ -106,11 +106,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "held_out_rmse_calibrated": round(report.error_after, 6),
         }
         metadata = {"perflow_theta_calibration": json.dumps(record, sort_keys=True)}
-        write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned, extra_metadata=metadata)
+        write_perflow_checkpoint(args.checkpoint, args.output_checkpoint, learned, extra_metadata=metadata, overwrite=args.overwrite)
         print(f"wrote {args.output_checkpoint}")
     return 0
 
 
+OVERWRITE_HELP = "replace an existing output file (without it, an existing file is refused and left as it is)"
 # The perflow calibrate arguments recorded in a checkpoint written with --output-checkpoint.
 CALIBRATION_RECORD = ("teacher", "steps", "samples", "holdout", "seed", "teacher_multiplier")
 
@@ -140,7 +141,7 @@ def run_write_theta(args: argparse.Namespace) -> int:
     """Copy a checkpoint with the PeRFlow settings of a theta file added."""
     from ..checkpoint import read_perflow_settings, write_perflow_checkpoint
 
-    write_perflow_checkpoint(args.checkpoint, args.output, read_perflow_settings(args.theta))
+    write_perflow_checkpoint(args.checkpoint, args.output, read_perflow_settings(args.theta), overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0
 
@@ -168,11 +169,13 @@ def add_theta_commands(commands) -> None:
     calibrate.add_argument("--output", default="outputs/perflow_theta.safetensors", help="theta file to write")
     calibrate.add_argument("--checkpoint", help="also write a copy of this single-file checkpoint with the theta added")
     calibrate.add_argument("--output-checkpoint", help="where that copy goes (required with --checkpoint)")
+    calibrate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     calibrate.set_defaults(run=run_calibrate)
     write = commands.add_parser("write-theta", help="copy a checkpoint with the settings of a theta file added (perflow.* keys)")
     write.add_argument("--theta", required=True, help="a theta file (perflow calibrate's output)")
     write.add_argument("--checkpoint", required=True, help="the single-file checkpoint to copy")
     write.add_argument("--output", required=True, help="the new file")
+    write.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     write.set_defaults(run=run_write_theta)
     # `perflow bench ...` hands its arguments to perflow_core.lab.benchmark (see main); listed here for --help.
     commands.add_parser("bench", help="benchmark PeRFlow against diffusers (and ComfyUI) samplers; see perflow bench --help")
@@ -293,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
+    except (ValueError, FileExistsError) as error:
         print(f"perflow: error: {error}", file=sys.stderr)
         return 2
 

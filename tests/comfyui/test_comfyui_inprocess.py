@@ -698,3 +698,21 @@ def test_saving_never_overwrites_an_existing_file(env, checkpoints_folder, tiny_
     path = run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice_for(env, "diff_eps"), filename="tiny_base", ckpt_name="tiny_base.safetensors")[0]
     assert path.endswith("tiny_base_1.safetensors")
     assert (checkpoints_folder / "tiny_base.safetensors").stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------------------ flow models (issue 13)
+@pytest.mark.parametrize("parameterisation", ["diff_eps", "ddim_eps"])
+def test_an_eps_parameterisation_on_a_flow_model_is_refused_naming_it(env, parameterisation):
+    flow_model = run_node(env.model_advanced.ModelSamplingSD3, model=env.model, shift=3.0)[0]
+    with pytest.raises(ValueError, match=f"parameterisation {parameterisation} cannot drive a flow"):
+        comfy_sample(env, flow_model, choice_for(env, parameterisation), 4, 4.5, noise_tensor(61))
+
+
+def test_a_flow_model_with_multiplier_one_samples_on_the_perflow_grid(env):
+    aura = run_node(env.model_advanced.ModelSamplingAuraFlow, model=env.model, shift=3.0)[0]
+    sigmas = run_node(env.nodes.PerflowSigmasNode, model=aura, steps=4, denoise=1.0, perflow=None)[0]
+    assert sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with recorded_timesteps(env.model) as calls:
+        out = comfy_sample(env, aura, None, 4, 4.5, noise_tensor(61))
+    assert flat(calls) == [t for t in (1.0, 0.75, 0.5, 0.25) for _ in range(2)]  # the model's own timestep: sigma x 1.0
+    assert torch.isfinite(out).all() and out.abs().max() > 0.1

@@ -36,7 +36,7 @@ FRONTEND_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 # node id -> (inputs that must be there, number of outputs)
 EXPECTED_INPUTS = {
-    "PerflowSettings": (["parameterisation", "segments", "boundaries", "theta"], 1),
+    "PerflowSettings": (["parameterisation", "segments", "boundaries", "theta", "img2img_start"], 1),
     "PerflowScheduler": (["model", "steps", "denoise", "perflow"], 1),
     "PerflowSampler": (["perflow"], 1),
     "PerflowKSampler": (["model", "seed", "steps", "cfg", "positive", "negative", "latent_image", "denoise", "perflow"], 1),

@@ -320,8 +320,14 @@ def test_writer_refuses_perflow_keys_in_extra_metadata(tmp_path):
 
 def test_writer_refuses_the_source_as_destination(tmp_path):
     source = _model_file(tmp_path)
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(FileExistsError):
         write_perflow_checkpoint(source, tmp_path / "." / source.name, _settings())
+
+
+def test_writer_refuses_the_source_as_destination_even_with_overwrite(tmp_path):
+    source = _model_file(tmp_path)
+    with pytest.raises(ValueError, match="source"):
+        write_perflow_checkpoint(source, tmp_path / "." / source.name, _settings(), overwrite=True)
 
 
 def test_writer_refuses_a_safetensors_source_with_a_pickle_destination(tmp_path):

@@ -142,3 +142,40 @@ def test_a_step_count_that_is_no_whole_number_is_refused(steps):
 def test_ragged_theta_rows_are_refused_naming_theta():
     with pytest.raises(ValueError, match="theta must be numbers"):
         PerflowSettings(theta=[[0.1, 0], [0.2], [0], [0]])
+
+
+# ------------------------------------------------------------------------------ hostile values
+def test_train_timesteps_are_bounded_to_a_sane_range():
+    assert PerflowSettings(num_train_timesteps=100_000, segments=4).num_train_timesteps == 100_000
+    for value in (1, 100_001, 2**62):
+        with pytest.raises(ValueError, match=r"num_train_timesteps must be a whole number in \[2, 100000\]"):
+            PerflowSettings(num_train_timesteps=value)
+
+
+def test_bools_are_not_theta():
+    with pytest.raises(ValueError, match="theta must hold numbers"):
+        PerflowSettings(theta=[True, False, True, False])
+
+
+def test_text_inside_a_boundary_list_is_refused():
+    with pytest.raises(ValueError, match="segment_boundaries must hold numbers"):
+        PerflowSettings(segment_boundaries=["1000", "500", "0"])
+
+
+def test_typed_boundary_text_is_still_read():
+    assert PerflowSettings(segment_boundaries="999, 700; 400 150, 0").segment_boundaries == [1000.0, 700.0, 400.0, 150.0, 0.0]
+
+
+def test_typed_boundary_text_that_is_not_numbers_names_the_input():
+    with pytest.raises(ValueError, match="boundaries must be numbers separated by commas"):
+        PerflowSettings(segment_boundaries="1000, half, 0", names={"segment_boundaries": "boundaries"})
+
+
+def test_segments_narrower_than_one_training_timestep_are_refused():
+    with pytest.raises(ValueError, match="boundaries: each segment must be at least one training timestep wide; 0.5 to 0"):
+        PerflowSettings(segment_boundaries="1000, 0.5, 0", names={"segment_boundaries": "boundaries"})
+
+
+def test_more_steps_than_training_timesteps_are_refused_naming_the_input():
+    with pytest.raises(ValueError, match="steps=1001 is above num_train_timesteps=1000"):
+        PerflowSettings().steps_for(1001)

@@ -284,7 +284,7 @@ def _kill_group(process: subprocess.Popen) -> None:
             pass
 
 
-def start_server(base: Path) -> ComfyServer:
+def start_server(base: Path, extra_environment: Optional[dict] = None) -> ComfyServer:
     port = _free_port()
     log_path = base / "comfyui_server.log"
     log_file = open(log_path, "w")
@@ -302,7 +302,7 @@ def start_server(base: Path) -> ComfyServer:
         "--database-url",
         "sqlite:///:memory:",
     ]
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(extra_environment or {}))
     process = subprocess.Popen(
         command, cwd=comfyui_root(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True
     )

@@ -51,7 +51,7 @@ def save_student(
     with tempfile.TemporaryDirectory() as folder:
         weights_file = Path(folder) / "weights.safetensors"
         save_file(weights, str(weights_file), metadata=metadata)
-        write_perflow_checkpoint(weights_file, path, settings)
+        write_perflow_checkpoint(weights_file, path, settings, overwrite=True)
 
 
 def load_student(path: Union[str, Path]) -> Tuple[ModelMixin, PerflowSettings]:
