@@ -14,7 +14,7 @@ from ..perflow_core.calibration import calibrate_theta
 from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint, write_under_free_name
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
-from .glue import PerflowChoice, choice_or_default, with_perflow_timesteps
+from .glue import PerflowChoice, choice_or_default, file_stem, listed_file, with_perflow_timesteps
 from .settings_node import Perflow, optional_perflow_input
 
 THETA_FOLDER = "perflow_theta"
@@ -139,13 +139,13 @@ class PerflowSaveThetaNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, perflow, filename: str, ckpt_name: str) -> io.NodeOutput:
-        name = os.path.basename(filename.strip()) or "perflow_theta"
+        name = file_stem(filename, "filename", "perflow_theta")
         if ckpt_name == NO_CHECKPOINT:
             folder = folder_paths.get_folder_paths(THETA_FOLDER)[0]
             os.makedirs(folder, exist_ok=True)
             path = write_under_free_name(folder, name, ".safetensors", lambda new: save_theta_file(new, perflow.settings))
         else:
-            source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+            source = listed_file("checkpoints", ckpt_name, "ckpt_name")
             path = write_under_free_name(os.path.dirname(source), name, ".safetensors", lambda new: write_perflow_checkpoint(source, new, perflow.settings))
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"wrote {path}"))
 
@@ -166,7 +166,7 @@ class PerflowLoadThetaNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, theta_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(THETA_FOLDER, theta_name)
+        path = listed_file(THETA_FOLDER, theta_name, "theta_name")
         try:
             settings = read_perflow_settings(path)
         except ValueError as error:

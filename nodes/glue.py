@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import comfy.patcher_extension
 import comfy.samplers
+import folder_paths
 
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, sample_perflow
 from ..perflow_core.settings import PerflowSettings
@@ -80,3 +82,26 @@ def sample_perflow_comfy(model, x, sigmas, extra_args=None, callback=None, disab
 
 def perflow_ksampler(choice: Optional[PerflowChoice]) -> comfy.samplers.KSAMPLER:
     return comfy.samplers.KSAMPLER(sample_perflow_comfy, extra_options={"choice": choice})
+
+
+MAX_FILE_STEM = 200
+
+
+def listed_file(folder: str, name: Any, input_name: str) -> str:
+    """The full path of a file a combo input names, refused naming the input (and listing the files there) when
+    the value is not one of its options, as an API prompt can send."""
+    options = folder_paths.get_filename_list(folder)
+    if not isinstance(name, str) or name not in options:
+        shown = ", ".join(options[:20]) + (", ..." if len(options) > 20 else "") if options else f"none: put files in models/{folder}"
+        raise ValueError(f"{input_name} {name!r} is not a file in models/{folder}; available: {shown}")
+    return folder_paths.get_full_path_or_raise(folder, name)
+
+
+def file_stem(value: Any, input_name: str, default: str) -> str:
+    """A new file's name typed by a user: its last path part, without NUL, at most MAX_FILE_STEM characters."""
+    if not isinstance(value, str):
+        raise ValueError(f"{input_name} must be text; got {type(value).__name__}")
+    stem = os.path.basename(value.strip()) or default
+    if "\x00" in stem or len(stem) > MAX_FILE_STEM or stem in (".", ".."):
+        raise ValueError(f"{input_name} must be a file name of at most {MAX_FILE_STEM} characters without NUL; got {value[:40]!r}... ({len(value)} characters)")
+    return stem

@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
-from .glue import PerflowChoice, default_prediction_type
+from .glue import PerflowChoice, default_prediction_type, listed_file
 from .settings_node import Perflow
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        path = listed_file("checkpoints", ckpt_name, "ckpt_name")
         weights, metadata, settings, has_prediction_type = read_named("ckpt_name", ckpt_name, lambda: load_weights_and_settings(path))
         loaded = comfy.sd.load_state_dict_guess_config(
             weights,
@@ -142,7 +142,7 @@ class PerflowApplyDeltaNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, delta_name: str, strength: float) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(DELTA_FOLDER, delta_name)
+        path = listed_file(DELTA_FOLDER, delta_name, "delta_name")
         delta = read_named("delta_name", delta_name, lambda: tensors_only(comfy.utils.load_torch_file(path, safe_load=True)))
         try:
             patches, unknown = delta_patches(model, delta)

@@ -20,6 +20,7 @@ from tqdm.auto import trange
 
 from .parameterization import path_noise_scales
 from .sampling import SamplingPlan, StepRecord, run_plan
+from .segments import BOUNDARY_TOLERANCE
 from .settings import PerflowSettings
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def sample_perflow(
     if len(timesteps) < 2:
         return x
     plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
+    check_steps_stay_in_their_segments(plan)
     z = start_on_path(model, x, space, settings, plan.steps[0])
     sigma_at = {t: space.sigma_of(t) for t in timesteps}  # looked up once per run, not per model call
     denoised = {}
@@ -196,6 +198,18 @@ def sample_perflow(
 
     z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
     return space.from_path(z, sigma_at[timesteps[-1]])
+
+
+def check_steps_stay_in_their_segments(plan: SamplingPlan, name: str = "sigmas") -> None:
+    """PeRFlow follows one segment's straight line per step: a step may end on its segment's end, not past it."""
+    scale = plan.settings.num_train_timesteps
+    for step, timestep in zip(plan.steps, plan.timesteps):
+        if step.t_next * scale < step.t_end * scale - BOUNDARY_TOLERANCE:
+            raise ValueError(
+                f"{name}: the step from timestep {timestep:g} to {step.t_next * scale:g} crosses the segment boundary "
+                f"{step.t_end * scale:g}; PeRFlow steps within one segment at a time, so its steps must land on the "
+                f"segment boundaries {plan.settings.build_segments().boundaries}: use the PeRFlow Scheduler's sigmas"
+            )
 
 
 def check_parameterisation(settings: PerflowSettings, space: ModelSpace, name: str = "parameterisation") -> None:
@@ -232,5 +246,5 @@ def perflow_sigmas(space: ModelSpace, settings: PerflowSettings, steps: int, den
         total = settings.steps_for(int(steps / denoise), "steps / denoise")
     else:
         steps = total = settings.steps_for(steps)
-    grid = settings.build_segments().timesteps(total)[-steps:].tolist()
+    grid = settings.build_segments().timesteps(total, "steps / denoise" if denoise < 1 else "steps")[-steps:].tolist()
     return torch.tensor([space.sigma_of(float(t)) for t in grid] + [0.0], dtype=torch.float32)

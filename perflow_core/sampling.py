@@ -40,7 +40,7 @@ class SamplingPlan:
     @classmethod
     def for_steps(cls, settings: PerflowSettings, steps: int, alphas_cumprod: torch.Tensor, name: str = "steps") -> "SamplingPlan":
         """The original's grid for ``steps`` calls (fewer than K are raised to K, see `PerflowSettings.steps_for`)."""
-        grid = settings.build_segments().timesteps(settings.steps_for(steps, name))
+        grid = settings.build_segments().timesteps(settings.steps_for(steps, name), name)
         return cls.for_timesteps(settings, [float(t) for t in grid], alphas_cumprod)
 
     @classmethod

@@ -110,21 +110,28 @@ class Segments:
         k = len(self)
         return [num_steps // k + (1 if i < num_steps % k else 0) for i in range(k)]
 
-    def timesteps(self, num_steps: int) -> np.ndarray:
-        """The original's grid: ``linspace(t_s, t_e, m, endpoint=False)`` per window, as int64 ``t * T``."""
+    def timesteps(self, num_steps: int, name: str = "num_inference_steps") -> np.ndarray:
+        """The original's grid: ``linspace(t_s, t_e, m, endpoint=False)`` per window, as int64 ``t * T``.
+
+        A count whose truncated grid puts two steps on one training timestep is refused naming ``name`` and the
+        largest count that fits (e.g. K = 4: at most 996 of the 1000 timesteps)."""
         if num_steps < len(self):
-            raise ValueError(f"num_inference_steps={num_steps} is below the number of segments {len(self)}")
+            raise ValueError(f"{name}={num_steps} is below the number of segments {len(self)}")
+        grid = self._grid(num_steps)
+        if np.any(np.diff(grid) >= 0):
+            fits = next(n for n in range(num_steps - 1, len(self) - 1, -1) if not np.any(np.diff(self._grid(n)) >= 0))
+            raise ValueError(
+                f"{name}={num_steps} puts two steps on the same training timestep in segments {self.boundaries}: at most "
+                f"{fits} steps fit (each step needs its own integer timestep); use fewer steps or wider segments"
+            )
+        return grid
+
+    def _grid(self, num_steps: int) -> np.ndarray:
         pieces = [
             np.linspace(t_s, t_e, num=m, endpoint=False)
             for t_s, t_e, m in zip(self.starts, self.ends, self.steps_per_segment(num_steps))
         ]
-        grid = (np.concatenate(pieces) * self.num_train_timesteps).astype(np.int64)
-        if np.any(np.diff(grid) >= 0):
-            raise ValueError(
-                f"num_inference_steps={num_steps} puts two steps on the same integer timestep in segments "
-                f"{self.boundaries}; use fewer steps or wider segments"
-            )
-        return grid
+        return (np.concatenate(pieces) * self.num_train_timesteps).astype(np.int64)
 
     def index_of(self, timestep: float) -> int:
         """The window a model timestep belongs to (a boundary belongs to the later window)."""

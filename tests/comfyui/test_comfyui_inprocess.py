@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -716,3 +717,29 @@ def test_a_flow_model_with_multiplier_one_samples_on_the_perflow_grid(env):
         out = comfy_sample(env, aura, None, 4, 4.5, noise_tensor(61))
     assert flat(calls) == [t for t in (1.0, 0.75, 0.5, 0.25) for _ in range(2)]  # the model's own timestep: sigma x 1.0
     assert torch.isfinite(out).all() and out.abs().max() > 0.1
+
+
+# ------------------------------------------------------------------------- inputs an API prompt can send
+@pytest.mark.parametrize("filename", ["x" * 300, "theta\x00name"], ids=["300 characters", "NUL"])
+def test_a_save_file_name_that_cannot_be_a_file_is_refused_naming_filename(env, theta_folder, filename):
+    choice = choice_for(env, "diff_eps")
+    with pytest.raises(ValueError, match="^filename must be a file name of at most 200 characters"):
+        run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice, filename=filename, ckpt_name=calibration_nodes(env).NO_CHECKPOINT)
+
+
+@pytest.mark.parametrize(
+    "node, inputs, name",
+    [
+        ("loader_nodes.PerflowCheckpointLoaderNode", {"ckpt_name": 7}, "ckpt_name"),
+        ("loader_nodes.PerflowCheckpointLoaderNode", {"ckpt_name": "missing.safetensors"}, "ckpt_name"),
+        ("nodes.PerflowApplyDeltaNode", {"delta_name": "missing.safetensors", "strength": 1.0}, "delta_name"),
+        ("calibration.PerflowLoadThetaNode", {"theta_name": 7}, "theta_name"),
+    ],
+)
+def test_a_combo_value_that_is_not_an_option_is_refused_naming_the_input(env, node, inputs, name):
+    owner, node_class = node.split(".")
+    module = calibration_nodes(env) if owner == "calibration" else getattr(env, owner)
+    if "model" in inspect.signature(getattr(module, node_class).execute).parameters:
+        inputs = {"model": env.model, **inputs}
+    with pytest.raises(ValueError, match=f"^{name} .* is not a file in models/"):
+        run_node(getattr(module, node_class), **inputs)

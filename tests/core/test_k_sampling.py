@@ -113,3 +113,10 @@ def test_sigmas_that_do_not_decrease_are_refused():
     model = ComfyLikeModel(DiscreteEps())
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample_perflow(model, torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 1.0, 0.0]), disable=True)
+
+
+def test_a_schedule_whose_steps_cross_segment_boundaries_is_refused_naming_sigmas():
+    model = ComfyLikeModel(DiscreteEps())
+    karras_like = torch.tensor([float(model.space.sigma_of(t)) for t in (1000, 812, 640, 300)] + [0.0])
+    with pytest.raises(ValueError, match=r"^sigmas: the step from timestep 812 to 640 crosses the segment boundary 750"):
+        sample_perflow(model, torch.zeros(1, 4, 2, 2), karras_like, disable=True)

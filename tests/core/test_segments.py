@@ -96,7 +96,7 @@ def test_bad_segment_counts_are_refused(count):
 
 
 def test_too_many_steps_for_a_narrow_segment_is_refused():
-    with pytest.raises(ValueError, match="same integer timestep"):
+    with pytest.raises(ValueError, match="same training timestep"):
         Segments.from_boundaries([1000, 999, 0]).timesteps(4)
 
 
@@ -107,3 +107,9 @@ def test_fewer_steps_than_segments_is_refused_by_the_grid():
 
 def test_grid_is_int64():
     assert Segments.uniform(2).timesteps(5).dtype == np.int64
+
+
+@pytest.mark.parametrize("steps", [997, 1000])
+def test_a_step_count_too_fine_for_the_grid_names_the_input_and_the_most_that_fit(steps):
+    with pytest.raises(ValueError, match=f"steps={steps} puts two steps .* at most 996 steps fit"):
+        Segments.uniform(4).timesteps(steps, "steps")

@@ -184,8 +184,9 @@ class SinusoidalEmbedding(nn.Module):
         self.register_buffer("frequencies", torch.exp(-math.log(max_period) * torch.arange(half) / half), persistent=False)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        angles = timesteps.float()[:, None] * self.frequencies[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+        # Angles up to ~1000 rad: computed in float32 whatever the module's dtype, then given that dtype.
+        angles = timesteps.float()[:, None] * self.frequencies.float()[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1).to(self.frequencies.dtype)
 
 
 class ResidualFiLMBlock(nn.Module):
