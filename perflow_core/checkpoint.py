@@ -546,7 +546,7 @@ def _perflow_metadata(settings: PerflowSettings) -> Dict[str, str]:
 
 
 def _with_perflow_entries(checkpoint: Mapping[str, Any], settings: PerflowSettings) -> Dict[str, Any]:
-    values = settings.values()
+    values = settings.values(model_file=True)
     weights = checkpoint.get(NESTED_WEIGHTS_KEY)
     if isinstance(weights, Mapping):
         updated = _without_perflow(checkpoint)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from .segments import SegmentStep
 
@@ -56,33 +55,6 @@ def window_end_coefficients(prediction_type: str, step: SegmentStep) -> tuple[fl
 def time_to_window_end(step: SegmentStep) -> float:
     """``t_e - t_c`` (negative), kept away from zero."""
     return min(step.t_end - step.t, -_EPS)
-
-
-def velocity_and_window_end(
-    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, step: SegmentStep
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The velocity of the straight path and the window end it predicts."""
-    remaining = time_to_window_end(step)
-    if prediction_type == "velocity":
-        return model_output, sample + remaining * model_output
-    lam, eta = window_end_coefficients(prediction_type, step)
-    window_end = lam * sample + eta * model_output
-    return (window_end - sample) / remaining, window_end
-
-
-def clean_estimate(sample: torch.Tensor, velocity: torch.Tensor, step: SegmentStep) -> torch.Tensor:
-    """An x0 estimate for previews: the clean image on the DDIM trajectory through the window's ends.
-
-    The straight line gives the window's start and end, ``z_s`` and ``z_e``. Taking both on one
-    deterministic DDIM trajectory (Song et al. 2021, eq. 12: ``z = sqrt(a) x0 + sqrt(1-a) eps`` with the
-    same x0 and eps) leaves two equations in x0 and eps; this solves them for x0.
-    """
-    z_start = sample + (step.t_start - step.t) * velocity
-    z_end = sample + (step.t_end - step.t) * velocity
-    a_s, a_e = step.alpha_start, step.alpha_end
-    noise_s, noise_e = math.sqrt(1 - a_s), math.sqrt(1 - a_e)
-    determinant = math.sqrt(a_e) * noise_s - math.sqrt(a_s) * noise_e
-    return (noise_s * z_end - noise_e * z_start) / max(determinant, _EPS)
 
 
 def path_noise_scales(step: SegmentStep) -> tuple[float, float]:

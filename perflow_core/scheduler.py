@@ -14,10 +14,9 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from .noise_schedule import _betas_for
-from .parameterization import path_noise_scales
+from .parameterization import PREDICTION_TYPES, path_noise_scales
 from .sampling import LoopChecks, SamplingPlan
 from .segments import SegmentStep
-from .parameterization import PREDICTION_TYPES
 from .segments import Segments
 from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
 from .solver import StepCoefficients, StepResult, apply_step

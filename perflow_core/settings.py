@@ -183,10 +183,12 @@ class PerflowSettings:
             return [list(row) for row in self._theta]
         return getattr(self, field)
 
-    def values(self) -> Dict[str, Any]:
-        """Every field by name, theta as a float64 tensor and boundaries as a list (always given, uniform too):
-        the ``perflow`` entries of a scheduler state dict and of a nested torch checkpoint."""
-        values = {f: self._plain(f) for f in FIELD_NAMES}
+    def values(self, model_file: bool = False) -> Dict[str, Any]:
+        """Every field by name, theta as a float64 tensor and boundaries as a list (always given, uniform too): the
+        ``perflow`` entries of a scheduler state dict, or with ``model_file`` those of a torch checkpoint (without
+        the sampler options, which model files do not carry)."""
+        names = [f.name for f in FIELDS if not (model_file and f.stored_as == "config")]
+        values = {f: self._plain(f) for f in names}
         values["theta"] = self.theta
         values["segment_boundaries"] = list(self.build_segments().boundaries)
         return values

@@ -126,6 +126,14 @@ class StepResult:
         return torch.add(self.sample * k.p, self.output, alpha=k.q)
 
 
+def velocity_and_window_end(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, step: SegmentStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The velocity of the straight path and the segment end it predicts, from the step's coefficients."""
+    k = StepCoefficients.of(prediction_type, step)
+    return torch.add(sample * k.vz, model_output, alpha=k.vo), torch.add(sample * k.ez, model_output, alpha=k.eo)
+
+
 def theta_features(
     prediction_type: str,
     sample: torch.Tensor,

@@ -506,3 +506,13 @@ def test_a_file_with_theta_alone_has_one_uniform_segment_per_theta_row(tmp_path)
     save_file({"perflow.theta": torch.zeros(6, 3)}, str(path))
     settings = read_perflow_settings(path)
     assert settings.segments == 6 and settings.segment_boundaries is None
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "nested.ckpt"])
+def test_a_torch_checkpoint_carries_the_model_settings_but_not_the_sampler_options(tmp_path, name):
+    source = tmp_path / name
+    torch.save({"state_dict": {"w": torch.ones(1)}} if name.endswith(".ckpt") else {"w": torch.ones(1)}, source)
+    write_perflow_checkpoint(source, tmp_path / f"out_{name}", PerflowSettings(img2img_start="straight_path"))
+    assert perflow_keys_present(tmp_path / f"out_{name}") == sorted(
+        f"perflow.{f}" for f in ("num_train_timesteps", "prediction_type", "segment_boundaries", "segments", "theta", "version")
+    )

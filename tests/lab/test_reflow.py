@@ -11,7 +11,7 @@ from safetensors import safe_open
 from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
 from perflow_core.lab.cli import main
 from perflow_core.noise_schedule import alphas_cumprod_for
-from perflow_core.parameterization import velocity_and_window_end
+from perflow_core.solver import velocity_and_window_end
 from perflow_core.lab.reflow import (
     VALIDATION_SEEDS,
     DDIMTeacher,

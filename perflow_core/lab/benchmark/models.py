@@ -9,7 +9,7 @@ from typing import Any, Tuple
 import torch
 
 from ...noise_schedule import alphas_cumprod_for
-from ...parameterization import clean_estimate, velocity_and_window_end
+from ...solver import StepCoefficients
 from ...settings import PerflowSettings
 
 
@@ -87,7 +87,7 @@ class StudentEpsModel(ModelWrapper):
 
     At ``(z, t)`` the student predicts its window's straight line; the line's two ends ``z_s``, ``z_e`` are put
     on one deterministic DDIM trajectory, ``z = sqrt(a) x0 + sqrt(1 - a) eps`` with the same x0 and eps
-    (`perflow_core.parameterization.clean_estimate` solves it for x0), and that eps is returned. Timesteps are PeRFlow's (use
+    (`perflow_core.solver.StepCoefficients`' preview coefficients solve it for x0), and that eps is returned. Timesteps are PeRFlow's (use
     ``CountingModel(..., timestep_offset=1)`` under a diffusers scheduler).
     """
 
@@ -100,8 +100,9 @@ class StudentEpsModel(ModelWrapper):
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         window = self.segments.step_at(t, t, self.alphas_cumprod)
-        velocity, _ = velocity_and_window_end(self.prediction_type, self.model(sample, t).sample, sample, window)
-        x0 = clean_estimate(sample, velocity, window)
+        k = StepCoefficients.of(self.prediction_type, window)
+        output = self.model(sample, t).sample
+        velocity, x0 = torch.add(sample * k.vz, output, alpha=k.vo), torch.add(sample * k.p, output, alpha=k.q)
         z_start = sample + (window.t_start - window.t) * velocity
         eps = (z_start - math.sqrt(window.alpha_start) * x0) / math.sqrt(1 - window.alpha_start)
         return SimpleNamespace(sample=eps)
