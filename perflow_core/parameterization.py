@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-
 from .segments import SegmentStep
 
 PREDICTION_TYPES = ("diff_eps", "ddim_eps", "velocity")
