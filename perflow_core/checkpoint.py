@@ -55,7 +55,7 @@ import re
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -222,6 +222,23 @@ def write_under_free_name(folder: PathLike, name: str, suffix: str, write: Calla
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
+
+
+def write_once_under_free_name(paths: Iterable[PathLike], write: Callable[[str], None]) -> Path:
+    """``write(temporary)`` once, into a temporary file beside the first of ``paths`` (names in one folder), then
+    give the file the first of ``paths`` that is free: it is hard-linked there, which fails on a taken name, so an
+    existing file is never replaced and two writers racing for one name each keep their own file. For writers too
+    costly to run again per name (a whole model checkpoint). Returns the path written."""
+    names = iter(paths)
+    first = Path(next(names))
+    with _written_temporary(first, write) as temporary:
+        for path in itertools.chain([first], map(Path, names)):
+            try:
+                _link_new(temporary, path)
+                return path
+            except FileExistsError:
+                continue
+    raise FileExistsError(f"every name offered for the new file beside {first} is taken")
 
 
 # -------------------------------------------------------------------------------------- entries
@@ -440,15 +457,22 @@ def _write_new_file(destination: Path, write: Callable[[str], None], overwrite: 
     """Write through a temporary file in the same folder, then put it in place at once: as a new file (a hard
     link, which fails if ``destination`` exists, so two writers never replace each other's file) or, with
     ``overwrite``, replacing what is there. The file gets the process umask's mode, as ``open`` gives."""
+    with _written_temporary(destination, write) as temporary:
+        if overwrite:
+            os.replace(temporary, destination)
+        else:
+            _link_new(temporary, destination)
+
+
+@contextmanager
+def _written_temporary(destination: Path, write: Callable[[str], None]) -> Iterator[Path]:
+    """``write`` into a new temporary file beside ``destination``; the temporary file is removed on leaving."""
     temporary = _new_temporary(destination)
     mode = stat.S_IMODE(os.stat(temporary).st_mode)
     try:
         write(str(temporary))
         os.chmod(temporary, mode)  # a writer that replaces the file (safetensors does) leaves its own 0600
-        if overwrite:
-            os.replace(temporary, destination)
-        else:
-            _link_new(temporary, destination)
+        yield temporary
     finally:
         if temporary.exists():
             temporary.unlink()

@@ -4,11 +4,12 @@ each get their own file, and written files get the process umask's mode."""
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint, write_under_free_name
+from perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_once_under_free_name, write_perflow_checkpoint, write_under_free_name
 from perflow_core.lab.cli import main
 from perflow_core.settings import PerflowSettings
 from support.hostile import pickle_file, safetensors_file, start_capped
@@ -75,6 +76,27 @@ def test_a_free_name_is_found_after_taken_ones(tmp_path):
         (tmp_path / name).write_bytes(b"taken")
     path = write_under_free_name(tmp_path, "theta", ".safetensors", lambda new: save_theta_file(new, SETTINGS))
     assert path.name == "theta_2.safetensors"
+
+
+def test_a_file_written_once_takes_the_first_free_name_and_leaves_taken_ones(tmp_path):
+    names = [tmp_path / f"model_{number:05}_.safetensors" for number in range(1, 5)]
+    for taken in names[:2]:
+        taken.write_bytes(b"keep me")
+    writes = []
+    path = write_once_under_free_name(iter(names), lambda new: writes.append(new) or Path(new).write_bytes(b"new model"))
+    assert path == names[2] and len(writes) == 1
+    assert path.read_bytes() == b"new model"
+    assert [name.read_bytes() for name in names[:2]] == [b"keep me", b"keep me"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name.name for name in names[:3]]
+
+
+def test_a_failed_write_once_leaves_no_file(tmp_path):
+    def failing(new):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_once_under_free_name([tmp_path / "model.safetensors"], failing)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_processes_racing_for_one_name_each_keep_every_file(tmp_path):
