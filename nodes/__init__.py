@@ -8,6 +8,7 @@ from .calibration_nodes import PerflowCalibrateNode, PerflowLoadThetaNode, Perfl
 from .dropdowns import register_dropdowns
 from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode
 from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSigmasNode
+from .save_nodes import PerflowSaveCheckpointNode
 from .settings_node import PerflowSettingsNode
 
 NODES = [
@@ -20,6 +21,7 @@ NODES = [
     PerflowCalibrateNode,
     PerflowSaveThetaNode,
     PerflowLoadThetaNode,
+    PerflowSaveCheckpointNode,
 ]
 
 
