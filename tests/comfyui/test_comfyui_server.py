@@ -48,6 +48,7 @@ EXPECTED_INPUTS = {
     ),
     "PerflowSaveTheta": (["perflow", "filename", "ckpt_name"], 1),
     "PerflowLoadTheta": (["theta_name"], 1),
+    "PerflowSaveCheckpoint": (["model", "clip", "vae", "perflow", "filename_prefix"], 0),
 }
 # The Save node's choice for "no checkpoint: a standalone theta file" (nodes/calibration_nodes.py NO_CHECKPOINT).
 STANDALONE_THETA = "(standalone theta file)"
@@ -118,7 +119,7 @@ def test_node_is_described_in_object_info(comfy_server, node_id):
     for name, (_, options) in inputs.items():
         assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert len(node["output"]) == outputs
-    if "perflow" in inputs and node_id != "PerflowSaveTheta":  # saving needs settings to save
+    if "perflow" in inputs and node_id not in ("PerflowSaveTheta", "PerflowSaveCheckpoint"):  # saving needs settings to save
         assert "perflow" in node["input"].get("optional", {}), "the PERFLOW input is optional"
 
 

@@ -11,6 +11,9 @@
   the code is loaded once, as the pack.
 * session fixtures ``tiny_sd15_checkpoint`` (built once per session), ``comfy``, ``perflow_pack`` and
   ``tiny_sd15`` (MODEL, CLIP, VAE loaded from the tiny checkpoint). Import them into a test module.
+* ``model_folder(name, path)`` / ``output_directory(path)``: a ComfyUI model folder or the output folder pointed at a
+  test's folder while a ``with`` block runs; ``state_dict_differences(actual, expected)``: what differs, tensor by tensor;
+  ``run_output_node(node_class, hidden, **inputs)``: an output node called with its hidden inputs (prompt, workflow).
 
 The tiny checkpoint
 -------------------
@@ -36,6 +39,7 @@ output is finite and of order one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
 import torch
@@ -398,6 +402,15 @@ def run_node(node_class, *args, **kwargs) -> tuple:
     return node_output(getattr(node_class(), node_class.FUNCTION)(*args, **kwargs))
 
 
+def run_output_node(node_class, hidden: Optional[Dict[str, Any]] = None, **inputs):
+    """Call a V3 output node as ComfyUI's executor does: on a clone of its class that carries the hidden inputs
+    (``{"prompt": ..., "extra_pnginfo": ...}``); returns its ``io.NodeOutput``."""
+    from comfy_api.latest import io
+
+    values = {getattr(io.Hidden, name): value for name, value in (hidden or {}).items()}
+    return node_class.PREPARE_CLASS_CLONE(values).execute(**inputs)
+
+
 @pytest.fixture(scope="session")
 def comfy():
     return import_comfy()
@@ -424,3 +437,46 @@ class FixedNoise:
 
     def generate_noise(self, input_latent):
         return self.noise.clone()
+
+
+# ------------------------------------------------------------------------------ folders and state dicts
+@contextlib.contextmanager
+def model_folder(folder_name: str, path) -> Iterator[Path]:
+    """``path`` added to ComfyUI's model folder ``folder_name`` (checkpoints, perflow_deltas, ...) while the block runs."""
+    import folder_paths
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path(folder_name, str(path))
+    try:
+        yield path
+    finally:
+        folder_paths.folder_names_and_paths[folder_name][0].remove(str(path))
+        folder_paths.filename_list_cache.pop(folder_name, None)
+
+
+@contextlib.contextmanager
+def output_directory(path) -> Iterator[Path]:
+    """ComfyUI's output folder set to ``path`` while the block runs."""
+    import folder_paths
+
+    previous = folder_paths.get_output_directory()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(path))
+    try:
+        yield Path(path)
+    finally:
+        folder_paths.set_output_directory(previous)
+
+
+def state_dict_differences(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Key -> what differs (missing, unexpected, dtype, shape or values), compared tensor by tensor, exactly."""
+    differences = {key: "missing" for key in expected.keys() - actual.keys()}
+    differences.update({key: "unexpected" for key in actual.keys() - expected.keys()})
+    for key in expected.keys() & actual.keys():
+        a, e = actual[key], expected[key]
+        if a.dtype != e.dtype or a.shape != e.shape:
+            differences[key] = f"{a.dtype} {list(a.shape)} instead of {e.dtype} {list(e.shape)}"
+        elif not torch.equal(a.cpu(), e.cpu()):
+            differences[key] = f"values differ by up to {float((a.cpu().double() - e.cpu().double()).abs().max()):.3g}"
+    return differences

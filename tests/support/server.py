@@ -60,6 +60,7 @@ PERFLOW_NODE_IDS = [
     "PerflowCalibrate",
     "PerflowSaveTheta",
     "PerflowLoadTheta",
+    "PerflowSaveCheckpoint",
 ]
 # What the frontend's node search shows for them (same order).
 PERFLOW_DISPLAY_NAMES = [
@@ -72,6 +73,7 @@ PERFLOW_DISPLAY_NAMES = [
     "PeRFlow Calibrate Theta",
     "Save PeRFlow Theta",
     "Load PeRFlow Theta",
+    "Save PeRFlow Checkpoint",
 ]
 
 SERVER_START_TIMEOUT_S = 180
