@@ -35,8 +35,11 @@ def saved_settings(model, perflow: PerflowChoice) -> PerflowSettings:
     except ValueError as error:
         raise ValueError(f"model: {error}") from None
     settings = perflow.resolved_for(model.model)
-    check_parameterisation(settings, space, name="perflow's parameterisation")
-    check_num_train_timesteps(settings, space)
+    try:
+        check_parameterisation(settings, space)
+        check_num_train_timesteps(settings, space)
+    except ValueError as error:
+        raise ValueError(f"perflow: {error}") from None
     return settings
 
 
@@ -52,7 +55,9 @@ def output_names(filename_prefix: Any) -> Iterator[str]:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix.strip(), folder_paths.get_output_directory())
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].strip("* ")
-        raise ValueError(f"filename_prefix {filename_prefix[:80]!r} must name a place inside ComfyUI's output folder ({reason})") from None
+        raise ValueError(
+            f"filename_prefix {filename_prefix[:80]!r}: cannot save there ({reason}); give a path inside ComfyUI's output folder such as {DEFAULT_PREFIX!r}"
+        ) from None
     return (os.path.join(folder, f"{filename}_{number:05}_.safetensors") for number in itertools.count(counter))
 
 
