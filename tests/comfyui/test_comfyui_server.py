@@ -1,6 +1,6 @@
-"""End to end against a real ComfyUI server (COMFYUI_PATH): the pack loads, its nine nodes are described, the
-example workflows and a small calibrate-and-save graph run through the HTTP API, and bad inputs give a
-readable execution error.
+"""End to end against a real ComfyUI server (COMFYUI_PATH): the pack loads, its nodes are described, the
+example workflows, a small calibrate-and-save graph and a save-checkpoint graph run through the HTTP API, and bad
+inputs give a readable execution error.
 
 The server (headless, --cpu, tiny SD1.5-architecture checkpoint) comes from tests/support/server.py; its
 log is kept in test-artifacts/comfyui_server.log. Skipped when COMFYUI_PATH is not set (CI has no ComfyUI).
@@ -18,6 +18,7 @@ from support.server import (
     API_WORKFLOWS,
     ARTIFACTS,
     CHECKPOINT_NAME,
+    DELTA_NAME,
     EXAMPLE_WORKFLOWS,
     PACK_NAME,
     PERFLOW_DISPLAY_NAMES,
@@ -29,6 +30,7 @@ from support.server import (
     comfy_server,  # noqa: F401  (session fixture)
     example_workflow,
     nodes_of_type,
+    pack_core,
     requires_comfyui,
 )
 
@@ -177,6 +179,44 @@ def test_calibrate_and_save_theta_through_the_api(comfy_server):
     # The new file is offered by Load PeRFlow Theta (the dropdown is re-read per /object_info call).
     load = comfy_server.get_json("/object_info/PerflowLoadTheta")["PerflowLoadTheta"]
     assert target.name in _combo_options(load["input"]["required"]["theta_name"])
+
+
+def save_checkpoint_prompt(filename_prefix: str) -> dict:
+    """Tiny checkpoint -> Apply PeRFlow Delta Weights -> Save PeRFlow Checkpoint with PeRFlow Settings' defaults (auto)."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT_NAME}},
+        "2": {"class_type": "PerflowApplyDelta", "inputs": {"model": ["1", 0], "delta_name": DELTA_NAME, "strength": 1.0}},
+        "3": {"class_type": "PerflowSettings", "inputs": {"parameterisation": "auto", "segments": 4, "boundaries": "", "theta": ""}},
+        "4": {
+            "class_type": "PerflowSaveCheckpoint",
+            "inputs": {"model": ["2", 0], "clip": ["1", 1], "vae": ["1", 2], "perflow": ["3", 0], "filename_prefix": filename_prefix},
+        },
+    }
+
+
+@requires_comfyui
+def test_save_checkpoint_through_the_api_writes_one_file_with_the_settings(comfy_server):
+    name = f"perflow_api_saved_{int(time.time() * 1000)}"
+    target = comfy_server.output_dir / "checkpoints" / f"{name}_00001_.safetensors"
+    entry = comfy_server.run(save_checkpoint_prompt(f"checkpoints/{name}"))
+    try:
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"], indent=1)[:4000]
+        assert target.is_file(), sorted(target.parent.iterdir())
+        assert "".join(entry["outputs"]["4"].get("text", [])) == f"saved checkpoints/{target.name}"
+        settings = pack_core("checkpoint").read_perflow_settings(target)
+        assert settings.prediction_type == "diff_eps" and settings.segments == 4  # auto resolved for SD1.5
+    finally:
+        target.unlink(missing_ok=True)
+
+
+@requires_comfyui
+def test_save_checkpoint_outside_the_output_folder_gives_an_error_naming_filename_prefix(comfy_server):
+    entry = comfy_server.run(save_checkpoint_prompt("../outside/perflow"))
+    assert entry["status"]["status_str"] == "error"
+    error = _execution_error(entry)
+    assert error["node_type"] == "PerflowSaveCheckpoint", error
+    assert error["exception_message"].startswith("filename_prefix '../outside/perflow'"), error["exception_message"]
+    assert not (comfy_server.output_dir.parent / "outside").exists()
 
 
 @requires_comfyui
