@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import comfy.model_management
 import comfy.samplers
+import comfy.utils
 import folder_paths
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from ..perflow_core.calibration import calibrate_theta
 from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, write_perflow_checkpoint, write_under_free_name
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
+from ..perflow_core.time_grid import GRID_SOLVERS, check_grid_fit, check_solver
 from .glue import PerflowChoice, choice_or_default, file_stem, listed_file, with_perflow_timesteps
 from .settings_node import Perflow, optional_perflow_input
 
@@ -33,7 +36,26 @@ def comfy_model_fn(model, extra_args, space: ModelSpace):
     return lambda z, timestep: space.call(model, z, timestep, extra_args)[1]
 
 
-def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoice, steps, teacher_multiplier, samples, holdout, seed):
+def progress_bar_and_cancel():
+    """A calibration's ``progress``: ComfyUI's progress bar, and Cancel honoured before every model call."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def progress(done: int, planned: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, planned)
+
+    return progress
+
+
+def check_teacher_options(settings, fit_time_grid: bool, teacher_solver: str) -> None:
+    """The core's checks, with the messages naming this node's inputs."""
+    try:
+        check_grid_fit(settings, teacher_solver) if fit_time_grid else check_solver(teacher_solver, settings)
+    except ValueError as error:
+        raise ValueError(str(error).replace("fit_boundaries", "fit_time_grid")) from None
+
+
+def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoice, steps, teacher_multiplier, samples, holdout, seed, fit_time_grid=False, teacher_solver="perflow"):
     """Calibrate inside a ComfyUI sampling call, so the model is loaded and the conditioning prepared."""
     found = {}
     shape = latent["samples"].shape[1:]
@@ -42,11 +64,14 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
         space = ModelSpace.of(model_sampling_of(wrapped))
         settings = choice.resolved_for(wrapped.inner_model.inner_model)
         check_parameterisation(settings, space)
+        check_teacher_options(settings, fit_time_grid, teacher_solver)
         fit = seeded_noise(shape, range(seed, seed + samples)).to(x)
         held_out = seeded_noise(shape, range(seed + HOLDOUT_SEED_OFFSET, seed + HOLDOUT_SEED_OFFSET + holdout)).to(x)
         model_fn = comfy_model_fn(wrapped, extra_args, space)
-        found["report"] = calibrate_theta(model_fn, settings, steps, space.alphas_cumprod, fit, held_out, teacher_multiplier=teacher_multiplier)
-        found["settings"] = settings
+        found["report"] = calibrate_theta(
+            model_fn, settings, steps, space.alphas_cumprod, fit, held_out, teacher_multiplier=teacher_multiplier,
+            fit_boundaries=fit_time_grid, teacher_solver=teacher_solver, progress=progress_bar_and_cancel(),
+        )
         return x
 
     guider = comfy.samplers.CFGGuider(model)
@@ -56,7 +81,18 @@ def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoic
     sigmas = perflow_sigmas(space, choice.settings, steps)
     empty = torch.zeros((1,) + tuple(shape))
     guider.sample(empty, empty, comfy.samplers.KSAMPLER(calibration_function), sigmas, seed=seed)
-    return found["settings"], found["report"]
+    return found["report"]
+
+
+def report_text(report) -> str:
+    """The numbers, then the calibrated settings as PeRFlow Settings takes them (segments, boundaries, theta)."""
+    settings = report.settings
+    boundaries = ", ".join(f"{b:g}" for b in settings.build_segments().boundaries)
+    theta = "\n".join(", ".join(f"{v:.4f}" for v in row) for row in settings.theta.tolist())
+    return (
+        f"{report.summary()}\nsegments: {settings.segments}\nboundaries: {boundaries}\n"
+        f"theta (gain, window-end scale, output change) per segment:\n{theta}"
+    )
 
 
 def chart_tensor(report) -> torch.Tensor:
@@ -81,6 +117,20 @@ class PerflowCalibrateNode(io.ComfyNode):
                 io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale to calibrate for."),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Step count to calibrate for."),
                 io.Int.Input("teacher_multiplier", default=8, min=2, max=64, tooltip="The teacher takes this many times the steps."),
+                io.Combo.Input(
+                    "teacher_solver",
+                    options=list(GRID_SOLVERS),
+                    default="perflow",
+                    optional=True,
+                    tooltip="perflow: the PeRFlow flow itself; dpmpp_2m: DPM-Solver++ 2M on the same grid, the same calls, second order (ddim_eps only).",
+                ),
+                io.Boolean.Input(
+                    "fit_time_grid",
+                    default=False,
+                    optional=True,
+                    tooltip="Also learn the time grid: one window per step, boundaries fitted with theta (ddim_eps only). "
+                    "Off keeps the windows, as a PeRFlow-trained model needs.",
+                ),
                 io.Int.Input("samples", default=16, min=1, max=4096, tooltip="Noise seeds theta is fitted on."),
                 io.Int.Input("holdout_samples", default=8, min=1, max=4096, tooltip="Other seeds, only to report the error before and after."),
                 io.Int.Input(
@@ -101,13 +151,13 @@ class PerflowCalibrateNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, cfg, steps, teacher_multiplier, samples, holdout_samples, seed, perflow=None) -> io.NodeOutput:
+    def execute(
+        cls, model, positive, negative, latent_image, cfg, steps, teacher_multiplier, samples, holdout_samples, seed, perflow=None, teacher_solver="perflow", fit_time_grid=False
+    ) -> io.NodeOutput:
         choice = choice_or_default(perflow)
-        settings, report = run_calibration(model, positive, negative, cfg, latent_image, choice, steps, teacher_multiplier, samples, holdout_samples, seed)
-        learned = PerflowChoice(settings.replace(theta=report.theta), auto_prediction_type=False)
-        text = f"{report.summary()}\ntheta (gain, window-end scale, output change) per segment:\n" + "\n".join(
-            ", ".join(f"{v:.4f}" for v in row) for row in report.theta.tolist()
-        )
+        report = run_calibration(model, positive, negative, cfg, latent_image, choice, steps, teacher_multiplier, samples, holdout_samples, seed, fit_time_grid, teacher_solver)
+        learned = PerflowChoice(report.settings, auto_prediction_type=False)
+        text = report_text(report)
         chart = chart_tensor(report)
         return io.NodeOutput(learned, chart, text, ui={**ui.PreviewImage(chart, cls=cls).as_dict(), **ui.PreviewText(text).as_dict()})
 

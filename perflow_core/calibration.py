@@ -23,6 +23,7 @@ from .segments import SegmentStep
 from .settings import PerflowSettings
 from .solver import theta_features
 from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
+from .time_grid import GridPath, best_boundaries, check_grid_fit, check_solver, fine_grid, grid_targets, learned_settings, local_errors, solve_on_grid, subdivide
 
 # teacher(noise) -> the teacher's states at every student step end, [steps] tensors like noise.
 Teacher = Callable[[torch.Tensor], List[torch.Tensor]]
@@ -43,6 +44,8 @@ class CalibrationReport:
         fit_samples, holdout_samples: how many seeds each set had.
         teacher_seconds, total_seconds: wall time of the teacher runs and of the whole calibration.
         teacher_calls, student_calls: network evaluations (per sample) of teacher and student runs.
+        settings: the calibrated settings: theta, and the learned windows when the grid was fitted.
+        model_calls: network calls (batches) the whole calibration made.
     """
 
     theta: torch.Tensor
@@ -56,6 +59,8 @@ class CalibrationReport:
     student_calls: int
     segment_errors_before: List[float] = field(default_factory=list)
     segment_errors_after: List[float] = field(default_factory=list)
+    settings: Optional[PerflowSettings] = None
+    model_calls: int = 0
 
     @property
     def ratio(self) -> float:
@@ -89,7 +94,7 @@ def perflow_teacher(model_fn: ModelFn, plan: SamplingPlan, multiplier: int = 8) 
     fine: List[float] = []
     marks: List[int] = []
     for start, end in zip(plan.timesteps, ends):
-        fine += _subdivide(start, end, multiplier)
+        fine += subdivide(start, end, multiplier)
         marks.append(len(fine) - 1)
     teacher_plan = SamplingPlan.for_timesteps(plan.settings, fine, plan.alphas_cumprod)
     zero = torch.zeros_like(plan.settings.theta)
@@ -130,11 +135,6 @@ def window_line_point(states: Dict[float, torch.Tensor], step: SegmentStep) -> t
     return torch.lerp(states[step.alpha_start], states[step.alpha_end], share)
 
 
-def _subdivide(start: float, end: float, parts: int) -> List[float]:
-    points = sorted({round(start + (end - start) * j / parts) for j in range(parts)} | {start}, reverse=True)
-    return [float(p) for p in points if p > end]
-
-
 @torch.no_grad()
 def fit_theta(
     model_fn: ModelFn,
@@ -148,25 +148,59 @@ def fit_theta(
     theta = torch.zeros(plan.settings.segments, NUM_THETA_COLUMNS, dtype=torch.float64)
     z_segment, previous_segment = noise, None
     for k in sorted({w.index for w in plan.steps}):
-        steps = plan.steps_in_segment(k)
-        for _ in range(refits if len(steps) > 1 else 1):
-            normal, rhs = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-
-            def collect(record: StepRecord) -> None:
-                nonlocal normal, rhs
-                features, residual = _least_squares_terms(plan, record, targets[record.index])
-                normal += features.T @ features
-                rhs += features.T @ residual
-
-            run_plan(model_fn, plan, z_segment, theta, steps, previous_segment, on_step=collect)
-            update = _solve_ridge(normal, rhs, ridge)
-            converged = bool((update - theta[k]).abs().max() < REFIT_TOLERANCE)
-            theta[k] = update
-            if converged:
-                break
-        theta[k] = _better_than_zero(model_fn, plan, steps, z_segment, previous_segment, theta, k, targets[steps[-1]])
-        z_segment, previous_segment = run_plan(model_fn, plan, z_segment, theta, steps, previous_segment)
+        theta[k], z_segment, previous_segment = fit_segment(model_fn, plan, k, theta, z_segment, previous_segment, targets, refits, ridge)
     return theta
+
+
+def fit_segment(
+    model_fn: ModelFn,
+    plan: SamplingPlan,
+    k: int,
+    theta: torch.Tensor,
+    z_segment: torch.Tensor,
+    previous_segment: Optional[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    refits: int = DEFAULT_REFITS,
+    ridge: float = DEFAULT_RIDGE,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Segment k's theta row (earlier rows as in ``theta``), and the sample and model output at the segment's end.
+
+    Every run of the segment starts from ``z_segment``, so its first model output is computed once."""
+    model_fn = FirstOutputCache(model_fn, z_segment)
+    theta = theta.clone()
+    steps = plan.steps_in_segment(k)
+    for _ in range(refits if len(steps) > 1 else 1):
+        normal, rhs = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+
+        def collect(record: StepRecord) -> None:
+            nonlocal normal, rhs
+            features, residual = _least_squares_terms(plan, record, targets[record.index])
+            normal += features.T @ features
+            rhs += features.T @ residual
+
+        run_plan(model_fn, plan, z_segment, theta, steps, previous_segment, on_step=collect)
+        update = _solve_ridge(normal, rhs, ridge)
+        converged = bool((update - theta[k]).abs().max() < REFIT_TOLERANCE)
+        theta[k] = update
+        if converged:
+            break
+    theta[k] = _better_than_zero(model_fn, plan, steps, z_segment, previous_segment, theta, k, targets[steps[-1]])
+    z_end, previous_end = run_plan(model_fn, plan, z_segment, theta, steps, previous_segment)
+    return theta[k], z_end, previous_end
+
+
+class FirstOutputCache:
+    """``model_fn`` that computes the output at one given sample (the same tensor object) once."""
+
+    def __init__(self, model_fn: ModelFn, sample: torch.Tensor):
+        self.model_fn, self.sample, self.outputs = model_fn, sample, {}
+
+    def __call__(self, z: torch.Tensor, timestep: float) -> torch.Tensor:
+        if z is not self.sample:
+            return self.model_fn(z, timestep)
+        if timestep not in self.outputs:
+            self.outputs[timestep] = self.model_fn(z, timestep)
+        return self.outputs[timestep]
 
 
 def _better_than_zero(model_fn: ModelFn, plan: SamplingPlan, steps: List[int], z, previous, theta: torch.Tensor, k: int, target: torch.Tensor) -> torch.Tensor:
@@ -199,6 +233,79 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
+class GridSearch:
+    """The fit seeds' final error of a one-window-per-step grid with theta fitted (``fit_segment``), against a grid
+    teacher path. A step's model output depends only on the boundaries up to its start and a segment's fit only on
+    those up to its end, so both are kept by that prefix: moving one boundary re-runs only the steps after it."""
+
+    def __init__(self, model_fn: ModelFn, settings: PerflowSettings, alphas_cumprod: torch.Tensor, noise: torch.Tensor, path: GridPath):
+        self.model_fn, self.settings, self.alphas_cumprod, self.noise, self.path = model_fn, settings, alphas_cumprod, noise, path
+        self.outputs: Dict[Tuple[float, ...], torch.Tensor] = {}
+        self.segments: Dict[Tuple[float, ...], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.errors: Dict[Tuple[float, ...], float] = {}
+
+    def plan(self, boundaries: Sequence[float]) -> SamplingPlan:
+        return SamplingPlan.for_steps(learned_settings(self.settings, boundaries), len(boundaries) - 1, self.alphas_cumprod)
+
+    def theta(self, boundaries: Sequence[float]) -> torch.Tensor:
+        self.error(boundaries)
+        return torch.stack([self.segments[tuple(boundaries[: k + 2])][0] for k in range(len(boundaries) - 1)])
+
+    def error(self, boundaries: Sequence[float]) -> float:
+        key = tuple(boundaries)
+        if key not in self.errors:
+            plan = self.plan(boundaries)
+            targets = grid_targets(self.path, plan)
+            theta = torch.zeros(len(plan), NUM_THETA_COLUMNS, dtype=torch.float64)
+            z, previous = self.noise, None
+            for k in range(len(plan)):
+                done = key[: k + 2]
+                if done not in self.segments:
+                    model_fn = self._output_for(key[: k + 1])
+                    self.segments[done] = fit_segment(model_fn, plan, k, theta, z, previous, targets)
+                theta[k], z, previous = self.segments[done]
+            self.errors[key] = rmse(z, self.path.states[-1])
+        return self.errors[key]
+
+    def _output_for(self, prefix: Tuple[float, ...]) -> ModelFn:
+        def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
+            if prefix not in self.outputs:
+                self.outputs[prefix] = self.model_fn(z, timestep)
+            return self.outputs[prefix]
+
+        return model_fn
+
+
+# progress(calls_done, calls_planned): told before every network call of a calibration (``calls_planned`` is an upper
+# bound: refits can stop early); raising from it stops the calibration there (ComfyUI's Cancel).
+Progress = Callable[[int, int], None]
+
+
+class CountedModel:
+    """``model_fn`` that tells ``progress`` before each call; it reads no tensor (nothing waits on the device)."""
+
+    def __init__(self, model_fn: ModelFn, planned: int, progress: Optional[Progress]):
+        self.model_fn, self.planned, self.progress, self.calls = model_fn, planned, progress, 0
+
+    def __call__(self, z: torch.Tensor, timestep: float) -> torch.Tensor:
+        if self.progress is not None:
+            self.progress(self.calls, self.planned)
+        self.calls += 1
+        return self.model_fn(z, timestep)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.calls, self.calls)
+
+
+def planned_calls(plan: SamplingPlan, teacher_calls: int, refits: int) -> int:
+    """At most this many network calls: the teacher on both seed sets, `fit_theta` (a segment's first output is
+    computed once), and the before/after runs."""
+    per_segment = [len(plan.steps_in_segment(k)) for k in sorted({w.index for w in plan.steps})]
+    fit = sum(1 + ((refits if n > 1 else 1) + 3) * (n - 1) for n in per_segment)
+    return 2 * teacher_calls + fit + 2 * len(plan)
+
+
 @torch.no_grad()
 def calibrate_theta(
     model_fn: ModelFn,
@@ -210,8 +317,12 @@ def calibrate_theta(
     teacher: Optional[Teacher] = None,
     teacher_multiplier: int = 8,
     refits: int = DEFAULT_REFITS,
+    *,
+    fit_boundaries: bool = False,
+    teacher_solver: str = "perflow",
+    progress: Optional[Progress] = None,
 ) -> CalibrationReport:
-    """Fit theta on ``fit_noise`` and report before/after errors on ``holdout_noise``.
+    """Fit theta (and with ``fit_boundaries`` the time grid) on ``fit_noise``; report errors on ``holdout_noise``.
 
     Args:
         model_fn: ``model_fn(z, timestep) -> raw output`` (conditioning and CFG folded in by the caller).
@@ -220,30 +331,64 @@ def calibrate_theta(
         alphas_cumprod: the model's training noise levels.
         fit_noise, holdout_noise: initial noise; the two sets must differ.
         teacher: targets at every step end; default the PeRFlow flow at ``teacher_multiplier`` x steps.
+        fit_boundaries: also learn the windows (``time_grid.py``): one window per step, boundaries on the teacher's
+            grid; the result's settings carry them. ``ddim_eps`` only; a PeRFlow-trained model keeps its windows
+            unless this is asked for.
+        teacher_solver: ``perflow`` (default) or ``dpmpp_2m`` (a second-order teacher on the same grid and calls,
+            ``ddim_eps`` only). With ``fit_boundaries``, ``perflow`` is its flow with one window per teacher step.
+        progress: ``progress(calls_done, calls_planned)`` before every network call; raise from it to stop.
     """
     started = time.perf_counter()
     plan = SamplingPlan.for_steps(settings, steps, alphas_cumprod)
-    teacher = teacher or perflow_teacher(model_fn, plan, teacher_multiplier)
+    if fit_boundaries:
+        check_grid_fit(settings, teacher_solver)
+        if teacher is not None:
+            raise ValueError("fit_boundaries learns the grid from its own grid teacher; a teacher callable cannot be used with it")
+    else:
+        check_solver(teacher_solver, settings)
+    on_grid = teacher is None and (fit_boundaries or teacher_solver != "perflow")
+    grid = fine_grid(plan, teacher_multiplier) if on_grid else []
+    default_teacher = perflow_teacher(model_fn, plan, teacher_multiplier) if teacher is None and not on_grid else None
+    teacher_calls = len(grid) - 1 if on_grid else int(getattr(teacher or default_teacher, "calls_per_sample", 0))
+    planned = 2 * teacher_calls + 4 * len(plan) if fit_boundaries else planned_calls(plan, teacher_calls, refits)
+    counted = CountedModel(model_fn, planned, progress)
     teacher_started = time.perf_counter()
-    fit_targets = teacher(fit_noise)
-    holdout_targets = teacher(holdout_noise)
-    teacher_seconds = time.perf_counter() - teacher_started
-    theta = fit_theta(model_fn, plan, fit_noise, fit_targets, refits)
-    zero = torch.zeros_like(theta)
-    before = run_student(model_fn, plan, holdout_noise, zero)
-    after = run_student(model_fn, plan, holdout_noise, theta)
+    if on_grid:
+        paths = [solve_on_grid(counted, grid, alphas_cumprod, noise, teacher_solver) for noise in (fit_noise, holdout_noise)]
+        teacher_seconds = time.perf_counter() - teacher_started
+        fitted_plan, theta = plan, None
+        if fit_boundaries:
+            # The grid the local errors pick, or the given one where that fits the fit seeds better after theta.
+            search = GridSearch(counted, settings, alphas_cumprod, fit_noise, paths[0])
+            candidates = [best_boundaries(local_errors(paths[0]), grid, len(plan)), [float(t) for t in plan.timesteps] + [0.0]]
+            boundaries = min(candidates, key=search.error)
+            fitted_plan, theta = search.plan(boundaries), search.theta(boundaries)
+        fit_targets, holdout_targets = (grid_targets(path, fitted_plan) for path in paths)
+        before_targets = grid_targets(paths[1], plan)
+    else:
+        teacher = teacher or perflow_teacher(counted, plan, teacher_multiplier)
+        fit_targets, holdout_targets = teacher(fit_noise), teacher(holdout_noise)
+        before_targets, fitted_plan, theta = holdout_targets, plan, None
+        teacher_seconds = time.perf_counter() - teacher_started
+    if theta is None:
+        theta = fit_theta(counted, fitted_plan, fit_noise, fit_targets, refits)
+    before = run_student(counted, plan, holdout_noise, torch.zeros_like(plan.settings.theta))
+    after = run_student(counted, fitted_plan, holdout_noise, theta)
+    counted.finish()
     return CalibrationReport(
         theta=theta,
-        error_before=rmse(before[-1], holdout_targets[-1]),
+        error_before=rmse(before[-1], before_targets[-1]),
         error_after=rmse(after[-1], holdout_targets[-1]),
         fit_samples=len(fit_noise),
         holdout_samples=len(holdout_noise),
         teacher_seconds=teacher_seconds,
         total_seconds=time.perf_counter() - started,
-        teacher_calls=int(getattr(teacher, "calls_per_sample", 0)),
+        teacher_calls=teacher_calls,
         student_calls=len(plan.steps),
-        segment_errors_before=[rmse(b, t) for b, t in zip(before, holdout_targets)],
+        segment_errors_before=[rmse(b, t) for b, t in zip(before, before_targets)],
         segment_errors_after=[rmse(a, t) for a, t in zip(after, holdout_targets)],
+        settings=fitted_plan.settings.replace(theta=theta),
+        model_calls=counted.calls,
     )
 
 

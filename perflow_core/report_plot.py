@@ -26,7 +26,7 @@ def calibration_chart(before: Sequence[float], after: Sequence[float], title: st
     for i, (b, a) in enumerate(zip(before, after)):
         x = left + i * slot + slot / 6
         for offset, value, colour in ((0, b, BEFORE_COLOUR), (bar, a, AFTER_COLOUR)):
-            y = bottom - (bottom - top) * value / top_value
+            y = min(bottom - (bottom - top) * value / top_value, bottom - 1)  # a zero error draws no bar
             draw.rectangle([x + offset, y, x + offset + bar - 1, bottom - 1], fill=colour)
         draw.text((x, bottom + 5), f"step {i + 1}", fill="black")
     draw.rectangle([width - 170, 10, width - 160, 20], fill=BEFORE_COLOUR)

@@ -191,8 +191,12 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: int = 4,
         teacher_multiplier: int = 8,
         teacher: Optional[Callable[[torch.Tensor], List[torch.Tensor]]] = None,
+        fit_boundaries: bool = False,
+        teacher_solver: str = "perflow",
+        progress: Optional[Callable[[int, int], None]] = None,
     ):
-        """Fit theta for a model and keep it (see `perflow_core.calibration`).
+        """Fit theta (and with `fit_boundaries` the segment boundaries) for a model and keep it (see
+        `perflow_core.calibration`).
 
         Args:
             model_fn (`Callable`): `model_fn(sample, timestep) -> raw model output`, with conditioning and
@@ -202,6 +206,10 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps (`int`): the step count theta is fitted for.
             teacher_multiplier (`int`): the default teacher is this scheduler's own flow at this many times the steps.
             teacher: or any `teacher(noise) -> states at every step end`.
+            fit_boundaries (`bool`): also learn the time grid, one segment per step (`ddim_eps` only; a
+                PeRFlow-trained model keeps its trained segments unless this is asked for).
+            teacher_solver (`str`): `perflow` or `dpmpp_2m` (a second-order teacher at the same calls, `ddim_eps`).
+            progress: `progress(calls_done, calls_planned)` before every model call; raise from it to stop.
 
         Returns:
             `CalibrationReport` with theta and the held-out errors before and after.
@@ -209,10 +217,22 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
         from .calibration import calibrate_theta
 
         report = calibrate_theta(
-            model_fn, self.perflow_settings(), num_inference_steps, self.alphas_cumprod, fit_noise, holdout_noise, teacher, teacher_multiplier
+            model_fn, self.perflow_settings(), num_inference_steps, self.alphas_cumprod, fit_noise, holdout_noise, teacher, teacher_multiplier,
+            fit_boundaries=fit_boundaries, teacher_solver=teacher_solver, progress=progress,
         )
+        if report.settings.segment_boundaries != self.settings.segment_boundaries:
+            self._use_segments(report.settings)
         self.set_theta(report.theta)
         return report
+
+    def _use_segments(self, settings: PerflowSettings) -> None:
+        """Take the segments of ``settings`` (learned by calibration) and record them in the config."""
+        self.settings = settings.replace(theta=None)
+        self.segments = self.settings.build_segments()
+        self.time_windows = TimeWindows(self.segments)
+        self.timesteps, self.num_inference_steps, self._plan = None, None, None
+        config = self.settings.to_config()
+        self.register_to_config(segments=config["segments"], num_time_windows=config["segments"], segment_boundaries=config["segment_boundaries"])
 
     # ----------------------------------------------------------------------------------- time steps
     @property

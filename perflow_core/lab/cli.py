@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from .analytic import DEFAULT_SMOOTHING, AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
 from .pipeline import to_images
+from ..time_grid import GRID_SOLVERS
 
 
 def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str], scale: int = 6, gap: int = 2) -> Image.Image:
@@ -83,16 +84,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
         denoiser = AnalyticDigitsDenoiser(smoothing=smoothing)
         solve = lambda z, alpha_from, alpha_to: solve_probability_flow_ode(denoiser, z, alpha_from, alpha_to)  # noqa: E731
         teacher = ode_teacher(solve, SamplingPlan.for_steps(settings, args.steps, alphas))
-    report = calibrate_theta(model_fn, settings, args.steps, alphas, fit, held_out, teacher, args.teacher_multiplier)
-    learned = settings.replace(theta=report.theta)
+    if args.fit_boundaries and args.teacher == "exact":
+        raise ValueError("--fit-boundaries learns the grid from its own grid teacher; use --teacher-solver, not --teacher exact")
+    report = calibrate_theta(
+        model_fn, settings, args.steps, alphas, fit, held_out, teacher, args.teacher_multiplier, fit_boundaries=args.fit_boundaries, teacher_solver=args.teacher_solver
+    )
+    learned = report.settings
     save_theta_file(args.output, learned, overwrite=args.overwrite)
     teacher_name = (
         f"the exact probability-flow ODE of the analytic model (smoothing {smoothing})"
         if args.teacher == "exact"
-        else f"the same PeRFlow flow at {args.teacher_multiplier}x the steps"
+        else f"{args.teacher_solver} on the same model at {args.teacher_multiplier}x the steps"
     )
-    print(f"model: {described}; {args.steps} steps, K={settings.segments}, {settings.prediction_type}; teacher: {teacher_name}")
+    print(f"model: {described}; {args.steps} steps, K={learned.segments}, {settings.prediction_type}; teacher: {teacher_name}")
     print(report.summary())
+    print("segment boundaries: " + ", ".join(f"{b:g}" for b in learned.build_segments().boundaries) + (" (learned)" if args.fit_boundaries else ""))
     print("theta (gain, window-end scale, output change):")
     for k, row in enumerate(report.theta.tolist()):
         print(f"  segment {k}: " + ", ".join(f"{v:+.4f}" for v in row))
@@ -113,7 +119,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 OVERWRITE_HELP = "replace an existing output file (without it, an existing file is refused and left as it is)"
 # The perflow calibrate arguments recorded in a checkpoint written with --output-checkpoint.
-CALIBRATION_RECORD = ("teacher", "steps", "samples", "holdout", "seed", "teacher_multiplier")
+CALIBRATION_RECORD = ("teacher", "steps", "samples", "holdout", "seed", "teacher_multiplier", "teacher_solver", "fit_boundaries")
 
 
 def _calibration_model(args: argparse.Namespace):
@@ -166,6 +172,12 @@ def add_theta_commands(commands) -> None:
     calibrate.add_argument("--holdout", type=int, default=256, help="held-out seeds for the report (default 256)")
     calibrate.add_argument("--seed", type=int, default=0, help="first fit seed; held-out seeds start 1,000,000 later")
     calibrate.add_argument("--teacher-multiplier", type=int, default=8, help="the teacher takes this many times the steps")
+    calibrate.add_argument(
+        "--teacher-solver", choices=GRID_SOLVERS, default="perflow", help="perflow (default) or dpmpp_2m: second order, same calls (ddim_eps only)"
+    )
+    calibrate.add_argument(
+        "--fit-boundaries", action="store_true", help="also learn the time grid: one segment per step, boundaries fitted with theta (ddim_eps only)"
+    )
     calibrate.add_argument("--output", default="outputs/perflow_theta.safetensors", help="theta file to write")
     calibrate.add_argument("--checkpoint", help="also write a copy of this single-file checkpoint with the theta added")
     calibrate.add_argument("--output-checkpoint", help="where that copy goes (required with --checkpoint)")

@@ -33,9 +33,11 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     PACK_NAME,
     build_tiny_sd15_checkpoint,
     comfy,
+    interrupted_after_calls,
     pack_core,
     parameter_counts,
     perflow_pack,
+    progress_bar_updates,
     requires_comfyui,
     run_node,
     tiny_sd15,
@@ -658,6 +660,46 @@ def test_calibrate_node_lowers_the_held_out_error_of_the_real_model(env):
     assert chart.shape[0] == 1 and chart.shape[-1] == 3
     before, after = [float(v) for v in report.split("theta=0 ")[1].split(" (ratio")[0].split(" -> calibrated ")]
     assert after < before
+
+
+def test_calibrate_reports_increasing_progress_to_comfyuis_progress_bar(env):
+    with progress_bar_updates() as updates:
+        calibrate(env)
+    values = [value for value, _ in updates]
+    assert len(values) > 10 and values == sorted(values) and values[-1] == updates[-1][1] > 0
+
+
+def test_cancel_stops_calibration_within_one_model_call(env):
+    import comfy.model_management
+
+    with recorded_timesteps(env.model) as calls, interrupted_after_calls(calls, 5) as flag:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            calibrate(env)
+    # CFG runs cond and uncond as one network call here: at most one model call once the flag is set.
+    assert len(calls) - flag.calls_when_set <= 1
+
+
+def test_calibrate_fits_the_time_grid_of_a_ddim_eps_model_when_asked(env):
+    choice, _, report = calibrate(env, perflow=choice_for(env, "ddim_eps"), fit_time_grid=True)
+    settings = choice.settings
+    assert settings.segments == 4 and settings.build_segments().boundaries[0] == 1000 and settings.build_segments().boundaries[-1] == 0
+    assert "boundaries: " + ", ".join(f"{b:g}" for b in settings.build_segments().boundaries) in report
+
+
+def test_fit_time_grid_is_refused_for_a_model_trained_on_its_windows(env):
+    with pytest.raises(ValueError, match="fit_time_grid needs prediction_type ddim_eps"):
+        calibrate(env, perflow=choice_for(env, "diff_eps"), fit_time_grid=True)
+
+
+def test_the_printed_settings_paste_into_the_settings_node(env):
+    choice, _, report = calibrate(env, perflow=choice_for(env, "ddim_eps"), fit_time_grid=True)
+    printed = dict(line.split(": ", 1) for line in report.splitlines() if line.startswith(("segments: ", "boundaries: ")))
+    theta_text = report.split("per segment:\n", 1)[1]
+    pasted = run_node(
+        env.settings_node.PerflowSettingsNode, parameterisation="ddim_eps", segments=int(printed["segments"]), boundaries=printed["boundaries"], theta=theta_text
+    )[0]
+    assert pasted.settings.segment_boundaries == choice.settings.segment_boundaries
+    assert torch.allclose(pasted.settings.theta, choice.settings.theta, atol=1e-4)
 
 
 def test_calibrated_theta_is_what_the_sampler_then_uses(env):

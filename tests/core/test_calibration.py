@@ -86,3 +86,78 @@ def test_diffusers_model_fn_combines_guidance_by_hand():
         c = unet(z, torch.tensor([750.0]), encoder_hidden_states=cond).sample
         u = unet(z, torch.tensor([750.0]), encoder_hidden_states=uncond).sample
     assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-6)
+
+
+def calibrate_small(model_fn, steps=4, **options):
+    return calibrate_theta(
+        model_fn, PerflowSettings(prediction_type="ddim_eps"), steps, ALPHAS, noise_for_seeds(range(16)).double(), noise_for_seeds(range(100, 108)).double(), **options
+    )
+
+
+def test_progress_is_told_before_every_model_call_with_increasing_counts(model_fn):
+    seen = []
+    report = calibrate_small(model_fn, progress=lambda done, planned: seen.append((done, planned)))
+    done = [d for d, _ in seen]
+    assert done[:-1] == list(range(report.model_calls)) and done[-1] == report.model_calls
+    assert all(d <= planned for d, planned in seen) and seen[-1] == (report.model_calls, report.model_calls)
+
+
+def test_raising_from_progress_stops_the_calibration_before_the_next_model_call(model_fn):
+    calls = []
+
+    def counting(z, timestep):
+        calls.append(timestep)
+        return model_fn(z, timestep)
+
+    def cancel_after_five(done, planned):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_theta(counting, PerflowSettings(prediction_type="ddim_eps"), 4, ALPHAS, noise_for_seeds(range(4)).double(), noise_for_seeds(range(100, 102)).double(), progress=cancel_after_five)
+    assert len(calls) == 5
+
+
+def test_a_first_order_grid_teacher_is_the_perflow_flow_with_a_window_per_step(model_fn):
+    from perflow_core.time_grid import solve_on_grid
+
+    grid = [1000.0, 800.0, 450.0, 200.0, 60.0, 0.0]
+    noise = noise_for_seeds(range(3)).double()
+    plan = SamplingPlan.for_steps(PerflowSettings(segment_boundaries=grid, prediction_type="ddim_eps"), 5, ALPHAS)
+    assert torch.allclose(torch.stack(solve_on_grid(model_fn, grid, ALPHAS, noise).states[1:]), torch.stack(run_student(model_fn, plan, noise)), atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [6, 8])
+def test_fitting_the_time_grid_beats_theta_alone_on_held_out_seeds(model_fn, steps):
+    options = dict(teacher_solver="dpmpp_2m", teacher_multiplier=8)
+    fit, held_out = noise_for_seeds(range(64)).double(), noise_for_seeds(range(1000, 1064)).double()
+    settings = PerflowSettings(prediction_type="ddim_eps")
+    theta_only = calibrate_theta(model_fn, settings, steps, ALPHAS, fit, held_out, **options)
+    with_grid = calibrate_theta(model_fn, settings, steps, ALPHAS, fit, held_out, fit_boundaries=True, **options)
+    assert with_grid.error_after < theta_only.error_after
+    boundaries = with_grid.settings.segment_boundaries
+    assert with_grid.settings.segments == steps and boundaries[0] == 1000 and boundaries[-1] == 0 and boundaries != settings.build_segments().boundaries
+
+
+def test_the_learned_grid_is_deterministic_and_an_ordinary_setting(model_fn):
+    first, second = (calibrate_small(model_fn, steps=6, fit_boundaries=True).settings for _ in range(2))
+    assert first == second
+    assert PerflowSettings.from_config(first.to_config()) == first
+
+
+@pytest.mark.parametrize("prediction_type", ["diff_eps", "velocity"])
+def test_the_grid_of_a_model_trained_on_its_windows_is_not_fitted(model_fn, prediction_type):
+    with pytest.raises(ValueError, match=f"fit_boundaries needs prediction_type ddim_eps .*got {prediction_type}"):
+        calibrate_theta(model_fn, PerflowSettings(prediction_type=prediction_type), 4, ALPHAS, noise_for_seeds(range(2)), noise_for_seeds(range(10, 12)), fit_boundaries=True)
+
+
+def test_scheduler_calibrate_can_learn_the_segments_and_saves_them(model_fn, tmp_path):
+    from perflow_core import PerflowScheduler
+
+    scheduler = PerflowScheduler(prediction_type="ddim_eps")
+    report = scheduler.calibrate(model_fn, noise_for_seeds(range(32)).double(), noise_for_seeds(range(500, 516)).double(), num_inference_steps=6, fit_boundaries=True)
+    scheduler.save_pretrained(tmp_path)
+    loaded = PerflowScheduler.from_pretrained(tmp_path)
+    assert loaded.perflow_settings() == report.settings == scheduler.perflow_settings()
+    loaded.set_timesteps(6)
+    assert [float(t) for t in loaded.timesteps] == report.settings.build_segments().boundaries[:-1]

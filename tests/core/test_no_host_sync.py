@@ -77,3 +77,14 @@ def test_an_overflowing_theta_falls_back_to_the_plain_step_and_warns_once_after_
     expected, _ = run_plan(lambda z, t: outputs[plain.timesteps.index(t)], plain, torch.zeros(1, 4))
     assert torch.equal(z, expected)
     assert caplog.text.count("theta correction gave NaN/Inf") == 1
+
+
+def test_the_calibration_progress_hook_converts_nothing():
+    from perflow_core.calibration import CountedModel
+
+    plan = SamplingPlan.for_steps(PerflowSettings(theta=THETA, prediction_type="ddim_eps"), 8, alphas_cumprod_for())
+    seen = []
+    with host_sync_guard() as guard:
+        counted = CountedModel(guard.model(network), 8, lambda done, planned: seen.append(done))
+        run_plan(counted, plan, torch.randn(2, 4, 4, 4), on_step=lambda record: setattr(guard, "armed", record.index != len(plan) - 1))
+    assert seen == list(range(8))

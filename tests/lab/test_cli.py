@@ -71,3 +71,15 @@ def test_write_theta_copies_a_checkpoint_with_the_theta(tmp_path):
 def test_calibrate_with_a_checkpoint_but_no_output_checkpoint_is_refused(tmp_path, capsys):
     assert main(["calibrate", "--checkpoint", str(tmp_path / "m.safetensors")]) == 2
     assert "--output-checkpoint" in capsys.readouterr().err
+
+
+def test_calibrate_can_learn_the_time_grid_into_the_theta_file(tmp_path, capsys):
+    from perflow_core.checkpoint import read_perflow_settings
+
+    output = tmp_path / "grid.safetensors"
+    arguments = ["--steps", "6", "--samples", "16", "--holdout", "8", "--fit-boundaries", "--teacher-solver", "dpmpp_2m", "--output", str(output)]
+    assert main(["calibrate", *arguments]) == 0
+    printed = capsys.readouterr().out
+    settings = read_perflow_settings(str(output))
+    assert settings.segments == 6
+    assert "segment boundaries: " + ", ".join(f"{b:g}" for b in settings.build_segments().boundaries) + " (learned)" in printed

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pytest
@@ -480,3 +481,41 @@ def state_dict_differences(actual: Dict[str, torch.Tensor], expected: Dict[str, 
         elif not torch.equal(a.cpu(), e.cpu()):
             differences[key] = f"values differ by up to {float((a.cpu().double() - e.cpu().double()).abs().max()):.3g}"
     return differences
+
+
+# ------------------------------------------------------------------------------ progress bar and Cancel
+@contextlib.contextmanager
+def progress_bar_updates():
+    """Record ``(value, total)`` of every ComfyUI progress-bar update (the hook the server installs)."""
+    import comfy.utils
+
+    updates = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        yield updates
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+@contextlib.contextmanager
+def interrupted_after_calls(calls: list, count: int):
+    """Press ComfyUI's Cancel (its interrupt flag) from the progress bar once ``calls`` holds ``count`` network calls;
+    yields a record whose ``calls_when_set`` is how many there were then. The flag is cleared on exit."""
+    import comfy.model_management
+    import comfy.utils
+
+    record = SimpleNamespace(calls_when_set=None)
+
+    def hook(value, total, preview, node_id=None):
+        if record.calls_when_set is None and len(calls) >= count:
+            record.calls_when_set = len(calls)
+            comfy.model_management.interrupt_current_processing(True)
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield record
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        comfy.model_management.interrupt_current_processing(False)
