@@ -276,6 +276,46 @@ class GridSearch:
         return model_fn
 
 
+def search_grid(search: GridSearch, grid: Sequence[float], start: Sequence[float], budget: Callable[[], bool]) -> List[float]:
+    """Coordinate search over the interior boundaries on the teacher's grid: move one boundary by ``stride`` grid
+    points either way while that lowers the error, halving the stride down to 1, until ``budget()`` says stop."""
+    positions = {t: i for i, t in enumerate(grid)}
+    best = list(start)
+    stride = max(1, (len(grid) - 1) // (4 * (len(best) - 1)))
+    while stride >= 1 and not budget():
+        improved = False
+        for k in range(1, len(best) - 1):
+            for move in (-stride, stride):
+                place = positions[best[k]] + move
+                if budget() or not positions[best[k - 1]] < place < positions[best[k + 1]]:
+                    continue
+                candidate = best[:k] + [grid[place]] + best[k + 1 :]
+                if search.error(candidate) < search.error(best):
+                    best, improved = candidate, True
+        stride = stride if improved else stride // 2
+    return best
+
+
+def learn_grid(model_fn: CountedModel, settings: PerflowSettings, alphas_cumprod: torch.Tensor, noise: torch.Tensor, path: GridPath, given: List[float]) -> Tuple[List[float], torch.Tensor]:
+    """The learned boundaries and their theta. Candidates: the grid the local errors pick (`time_grid.best_boundaries`),
+    the given one, and a coordinate search from the better of them on one half of the fit seeds (at most half the
+    calls the teacher makes per seed set); the other half picks among them, so the search cannot win by fitting
+    its own seeds. Theta is then fitted on all the fit seeds."""
+    local = best_boundaries(local_errors(path), path.timesteps, len(given) - 1)
+    half = len(noise) // 2
+    if half == 0:
+        candidates = [local, given]
+    else:
+        search = GridSearch(model_fn, settings, alphas_cumprod, noise[:half], path.part(slice(0, half)))
+        check = GridSearch(model_fn, settings, alphas_cumprod, noise[half:], path.part(slice(half, None)))
+        started = model_fn.calls
+        searched = search_grid(search, path.timesteps, min([local, given], key=search.error), lambda: model_fn.calls - started >= (len(path.timesteps) - 1) // 2)
+        candidates = [min([local, given, searched], key=check.error)]
+    full = GridSearch(model_fn, settings, alphas_cumprod, noise, path)
+    boundaries = min(candidates, key=full.error)
+    return boundaries, full.theta(boundaries)
+
+
 # progress(calls_done, calls_planned): told before every network call of a calibration (``calls_planned`` is an upper
 # bound: refits can stop early); raising from it stops the calibration there (ComfyUI's Cancel).
 Progress = Callable[[int, int], None]
@@ -350,7 +390,7 @@ def calibrate_theta(
     grid = fine_grid(plan, teacher_multiplier) if on_grid else []
     default_teacher = perflow_teacher(model_fn, plan, teacher_multiplier) if teacher is None and not on_grid else None
     teacher_calls = len(grid) - 1 if on_grid else int(getattr(teacher or default_teacher, "calls_per_sample", 0))
-    planned = 2 * teacher_calls + 4 * len(plan) if fit_boundaries else planned_calls(plan, teacher_calls, refits)
+    planned = 3 * teacher_calls + 8 * len(plan) if fit_boundaries else planned_calls(plan, teacher_calls, refits)
     counted = CountedModel(model_fn, planned, progress)
     teacher_started = time.perf_counter()
     if on_grid:
@@ -358,11 +398,8 @@ def calibrate_theta(
         teacher_seconds = time.perf_counter() - teacher_started
         fitted_plan, theta = plan, None
         if fit_boundaries:
-            # The grid the local errors pick, or the given one where that fits the fit seeds better after theta.
-            search = GridSearch(counted, settings, alphas_cumprod, fit_noise, paths[0])
-            candidates = [best_boundaries(local_errors(paths[0]), grid, len(plan)), [float(t) for t in plan.timesteps] + [0.0]]
-            boundaries = min(candidates, key=search.error)
-            fitted_plan, theta = search.plan(boundaries), search.theta(boundaries)
+            boundaries, theta = learn_grid(counted, settings, alphas_cumprod, fit_noise, paths[0], [float(t) for t in plan.timesteps] + [0.0])
+            fitted_plan = SamplingPlan.for_steps(learned_settings(settings, boundaries), len(plan), alphas_cumprod)
         fit_targets, holdout_targets = (grid_targets(path, fitted_plan) for path in paths)
         before_targets = grid_targets(paths[1], plan)
     else:

@@ -42,6 +42,10 @@ class GridPath:
     def state_at(self, timestep: float) -> torch.Tensor:
         return self.states[self.timesteps.index(float(timestep))]
 
+    def part(self, samples: slice) -> "GridPath":
+        """The same path for some of the samples."""
+        return GridPath(self.timesteps, [s[samples] for s in self.states], [o[samples] for o in self.outputs])
+
 
 def signal_level(timestep: float, alphas_cumprod: torch.Tensor) -> float:
     """``alphas_cumprod`` at a model timestep, PeRFlow's convention (timestep tau reads index tau - 1, at least 0)."""

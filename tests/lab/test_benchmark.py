@@ -11,15 +11,20 @@ from PIL import Image
 
 from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds, solve_probability_flow_ode
 from perflow_core.lab.benchmark import (
+    COMFY_SCHEDULE_SAMPLERS,
+    COMFY_SCHEDULES,
     DIFFUSERS_PEERS,
+    LEARNED_GRID,
     QUICK_NFES,
     STUDENT_PATH,
     Endpoint,
     StudentEpsModel,
     SamplingPlan,
     _with_levels,
+    analytic_eps,
     boundary_levels,
     build_workload,
+    comfy_schedule_rows,
     diffusers_endpoint,
     exact_ode_teacher,
     exact_path,
@@ -189,6 +194,33 @@ def test_comfyui_euler_on_the_student_takes_the_same_steps_as_diffusers_ddim(noi
     ddim_run = run_diffusers_peer(peer("diffusers DDIM"), eps_model, noise, 4)
     comfy_final = map_to_sigma_zero(teacher, comfy_run.final, comfy_run.endpoint)
     assert comfy_run.calls == 4 and rmse(comfy_final, ddim_run.final) < 1e-4
+
+
+@pytest.mark.comfyui
+def test_ays_and_gits_rows_take_comfyuis_own_sigmas_for_every_sampler():
+    comfy, why = load_comfy("simple")
+    if comfy is None:
+        pytest.skip(why)
+    import comfy_extras.nodes_align_your_steps as ays
+
+    work = build_workload(0.2, range(10_000, 10_002), range(0, 2), [4])
+    rows = comfy_schedule_rows(comfy, work, analytic_eps(work.model))
+    assert [r.sampler for r in rows] == [f"ComfyUI {n} + {s}" for s in COMFY_SCHEDULES for n in COMFY_SCHEDULE_SAMPLERS]
+    assert all(r.calls[4] == 4 and math.isfinite(r.errors[4]) for r in rows if "uni_pc" not in r.sampler)
+    sigmas = comfy.schedule_nodes["AYS SD1"](4)
+    assert len(sigmas) == 5 and float(sigmas[0]) == pytest.approx(14.6146, abs=1e-3) and float(sigmas[-1]) == 0.0
+    assert torch.equal(sigmas, ays.AlignYourStepsScheduler.execute("SD1", 4, 1.0).result[0])
+
+
+def test_the_quick_run_has_the_learned_grid_rows_and_the_second_model(quick_run):
+    _, tmp_path, printed = quick_run
+    payload = json.loads((tmp_path / "benchmark.json").read_text())
+    second = [m for m in payload["models"] if m["model"] == "inverted"]
+    assert [m["smoothing"] for m in second] == [0.05, 0.2]
+    for result in payload["models"][:2] + second:
+        grid = next(r for r in result["rows"] if r["sampler"] == LEARNED_GRID)
+        assert all(b[0] == 1000 and b[-1] == 0 and len(b) == n + 1 for n, b in ((int(k), v) for k, v in grid["boundaries"].items()))
+    assert "inverted s=0.05 grid[2M]@4 / best peer@4" in printed and "target <= 2" in printed
 
 
 def test_a_student_with_other_segments_gets_exact_states_at_all_its_window_ends():

@@ -39,7 +39,7 @@ from ...calibration import rmse
 from ...sampling import SamplingPlan
 from .endpoints import ENDPOINT_MAPS, FLOW_MAP_STEPS, Endpoint, ExactPath, SamplerRun, endpoint_from_sigma, exact_path, map_to_sigma_zero
 from ..pipeline import run_pipeline
-from .models import ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel, tiny_unet
+from .models import MODEL_TITLES, ConstantOutputModel, CountingModel, ModelWrapper, StudentEpsModel, analytic_model, tiny_unet
 from .overhead import (
     FREE_MODEL_REPEAT_FACTOR,
     Overhead,
@@ -51,6 +51,8 @@ from .overhead import (
 )
 from .peers import (
     COMFY_SAMPLERS,
+    COMFY_SCHEDULE_SAMPLERS,
+    COMFY_SCHEDULES,
     COMFY_UNI_PC_LAST_SIGMA,
     DIFFUSERS_PEERS,
     SD15_SCHEDULE,
@@ -60,6 +62,7 @@ from .peers import (
     EpsFn,
     analytic_eps,
     comfy_rows,
+    comfy_schedule_rows,
     diffusers_endpoint,
     diffusers_rows,
     load_comfy,
@@ -69,8 +72,11 @@ from .peers import (
 )
 from .perflow_rows import (
     BEST_PEER_ON_TEACHER,
+    CALIBRATED_2M_TEACHER,
     CALIBRATED_EXACT_TEACHER,
     CALIBRATED_PERFLOW_TEACHER,
+    CALIBRATED_ROWS,
+    LEARNED_GRID,
     STUDENT_CALIBRATED,
     STUDENT_PATH,
     STUDENT_PEER_SUFFIX,

@@ -9,6 +9,7 @@ from typing import Any, Tuple
 import torch
 
 from ...noise_schedule import alphas_cumprod_for
+from ..analytic import AnalyticDigitsDenoiser, load_digits
 from ...solver import StepCoefficients
 from ...settings import PerflowSettings
 
@@ -106,3 +107,21 @@ class StudentEpsModel(ModelWrapper):
         z_start = sample + (window.t_start - window.t) * velocity
         eps = (z_start - math.sqrt(window.alpha_start) * x0) / math.sqrt(1 - window.alpha_start)
         return SimpleNamespace(sample=eps)
+
+
+# The analytic models the benchmark measures: the digits (what the calibration was developed on) and a second data
+# set it never saw while being developed.
+MODEL_TITLES = {"digits": "analytic digits", "inverted": "second model: inverted transposed digits"}
+
+
+def analytic_model(name: str, smoothing: float) -> AnalyticDigitsDenoiser:
+    """``digits``: the smoothed 8x8 digits; ``inverted``: the same images transposed, pixels inverted (white
+    background, dark strokes), so other means, modes and a mean far from 0; the same exact epsilon of a mixture."""
+    model = AnalyticDigitsDenoiser(smoothing=smoothing)
+    if name == "inverted":
+        images, _ = load_digits()
+        flipped = torch.from_numpy(images.max() - images).transpose(-1, -2).contiguous().unsqueeze(1)
+        model.digit_pixels = flipped.to(model.digit_pixels)
+    elif name != "digits":
+        raise ValueError(f"analytic model must be one of {', '.join(MODEL_TITLES)}; got {name!r}")
+    return model

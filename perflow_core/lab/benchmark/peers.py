@@ -22,6 +22,10 @@ from .rows import Row, Workload
 SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 COMFY_SAMPLERS = ("euler", "dpmpp_2m", "uni_pc", "ipndm", "deis")
 COMFY_UNI_PC_LAST_SIGMA = 0.001  # sample_unipc replaces a final sigma of 0 by this and stops there
+# ComfyUI's optimised few-step schedules (AlignYourSteps' SD1 table, GITS at its default coeff 1.20), each with these
+# samplers, through SamplerCustom: the schedule's sigmas go to the sampler as they are.
+COMFY_SCHEDULES = ("AYS SD1", "GITS 1.20")
+COMFY_SCHEDULE_SAMPLERS = ("euler", "dpmpp_2m", "ipndm", "uni_pc")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,18 @@ DIFFUSERS_PEERS = (
     DiffusersPeer("diffusers UniPC", "UniPCMultistepScheduler"),
     DiffusersPeer("diffusers DEIS", "DEISMultistepScheduler"),
     DiffusersPeer("diffusers Heun", "HeunDiscreteScheduler", variance_exploding=True, calls_per_step=2),
+    # Tuned: the defaults drop to first order on the last steps (lower_order_final, meant for < 15 steps); kept at
+    # full order they are often the best few-step peers. A last step to sigma 0 is always first order in DPM++ and
+    # divides by zero in UniPC's corrector, so these stop at the last training level (mapped to sigma 0 like DEIS).
+    DiffusersPeer(
+        "diffusers DPM++ 2M tuned", "DPMSolverMultistepScheduler", overrides=(("lower_order_final", False), ("final_sigmas_type", "sigma_min")),
+        note="lower_order_final=False, final_sigmas_type=sigma_min",
+    ),
+    DiffusersPeer(
+        "diffusers UniPC tuned", "UniPCMultistepScheduler", overrides=(("lower_order_final", False), ("final_sigmas_type", "sigma_min")),
+        note="lower_order_final=False, final_sigmas_type=sigma_min",
+    ),
+    DiffusersPeer("diffusers DEIS tuned", "DEISMultistepScheduler", overrides=(("lower_order_final", False),), note="lower_order_final=False"),
 )
 
 
@@ -106,6 +122,7 @@ class ComfyEnvironment:
     samplers: Any
     model_sampling: Any
     scheduler: str
+    schedule_nodes: Any = None  # {"AYS SD1": steps -> sigmas, ...}: ComfyUI's own scheduler nodes
 
     def sampler(self, name: str) -> Callable[..., torch.Tensor]:
         return self.uni_pc.sample_unipc if name == "uni_pc" else getattr(self.sampling, f"sample_{name}")
@@ -138,7 +155,21 @@ def load_comfy(scheduler: str) -> Tuple[Optional[ComfyEnvironment], str]:
     except Exception as error:  # ComfyUI's import chain can fail in many ways; any of them means skip.
         return None, f"importing ComfyUI from {path} failed: {type(error).__name__}: {error}"
     eps_class = type("ModelSamplingDiscreteEPS", (model_sampling.ModelSamplingDiscrete, model_sampling.EPS), {})
-    return ComfyEnvironment(sampling, uni_pc, samplers, eps_class(), scheduler), f"ComfyUI from {path}, '{scheduler}' sigmas"
+    environment = ComfyEnvironment(sampling, uni_pc, samplers, eps_class(), scheduler, _schedule_nodes())
+    return environment, f"ComfyUI from {path}, '{scheduler}' sigmas" + ("" if environment.schedule_nodes else "; AYS/GITS nodes did not import")
+
+
+def _schedule_nodes() -> Optional[dict]:
+    """AlignYourSteps (SD1 table, log-linearly interpolated to the step count) and GITS, as ComfyUI's nodes compute them."""
+    try:
+        import comfy_extras.nodes_align_your_steps as ays
+        import comfy_extras.nodes_gits as gits
+    except Exception:  # an older ComfyUI without them: the rows are skipped and the status says so
+        return None
+    return {
+        "AYS SD1": lambda steps: ays.AlignYourStepsScheduler.execute("SD1", steps, 1.0).result[0],
+        "GITS 1.20": lambda steps: gits.GITSScheduler.execute(1.20, steps, 1.0).result[0],
+    }
 
 
 # eps_fn(z, sigma) -> eps: z in VP space, sigma the [B] noise-to-signal ratios of a ComfyUI sampler.
@@ -181,9 +212,10 @@ class ComfyDenoiser:
         return (x.double() - scale * self.eps_fn(z, sigma)).to(x.dtype)
 
 
-def run_comfy_sampler(comfy: ComfyEnvironment, name: str, eps_fn: EpsFn, noise: torch.Tensor, nfe: int) -> SamplerRun:
-    """A ComfyUI sampler from ``x = noise * sqrt(1 + sigma_max^2)`` (KSAMPLER's full-denoise scaling)."""
-    sigmas = comfy.sigmas(name, nfe)
+def run_comfy_sampler(comfy: ComfyEnvironment, name: str, eps_fn: EpsFn, noise: torch.Tensor, nfe: int, sigmas: Optional[torch.Tensor] = None) -> SamplerRun:
+    """A ComfyUI sampler from ``x = noise * sqrt(1 + sigma_max^2)`` (KSAMPLER's full-denoise scaling), on its
+    KSampler sigmas or on given ones."""
+    sigmas = comfy.sigmas(name, nfe) if sigmas is None else sigmas.float()
     denoiser = ComfyDenoiser(eps_fn, comfy.model_sampling)
     x = noise * math.sqrt(1.0 + float(sigmas[0]) ** 2)
     final = comfy.sampler(name)(denoiser, x, sigmas.clone(), extra_args={}, callback=None, disable=True)
@@ -203,4 +235,18 @@ def comfy_rows(comfy: ComfyEnvironment, work: Workload, eps_fn: Optional[EpsFn] 
             run = run_comfy_sampler(comfy, name, eps_fn, work.held_out.noise.float(), nfe)
             row.record(nfe, run, nfe, work.held_out.endpoint, work.model)
         rows.append(row)
+    return rows + comfy_schedule_rows(comfy, work, eps_fn, suffix, family)
+
+
+def comfy_schedule_rows(comfy: ComfyEnvironment, work: Workload, eps_fn: EpsFn, suffix: str = "", family: str = "comfyui") -> List[Row]:
+    """ComfyUI's samplers on the AYS and GITS schedules (steps = NFE; GITS has no 1-step table)."""
+    rows = []
+    for schedule in COMFY_SCHEDULES if comfy.schedule_nodes else ():
+        for name in COMFY_SCHEDULE_SAMPLERS:
+            row = Row(f"ComfyUI {name} + {schedule}{suffix}", family, f"{schedule} sigmas (ComfyUI's node), steps = NFE")
+            for nfe in work.nfes:
+                sigmas = comfy.schedule_nodes[schedule](nfe)
+                run = run_comfy_sampler(comfy, name, eps_fn, work.held_out.noise.float(), nfe, sigmas)
+                row.record(nfe, run, nfe, work.held_out.endpoint, work.model)
+            rows.append(row)
     return rows

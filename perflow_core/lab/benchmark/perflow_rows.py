@@ -71,6 +71,15 @@ def _path_for(noise: torch.Tensor, paths: Sequence[ExactPath]) -> ExactPath:
 THETA_ZERO = "PeRFlow theta=0"
 CALIBRATED_PERFLOW_TEACHER = "PeRFlow cal. (PeRFlow 8x teacher)"
 CALIBRATED_EXACT_TEACHER = "PeRFlow cal. (exact-ODE teacher)"
+CALIBRATED_2M_TEACHER = "PeRFlow cal. (DPM++2M 8x teacher)"
+LEARNED_GRID = "PeRFlow cal. + learned grid (2M 8x)"
+# Every calibrated analytic row: (name, short name in the ratios, teacher, fit_boundaries, teacher_solver).
+CALIBRATED_ROWS = (
+    (CALIBRATED_PERFLOW_TEACHER, "cal[8x]", f"PeRFlow flow at {TEACHER_MULTIPLIER}x steps", False, "perflow"),
+    (CALIBRATED_EXACT_TEACHER, "cal[exact]", "exact ODE at window ends, straight lines inside", False, "perflow"),
+    (CALIBRATED_2M_TEACHER, "cal[2M]", f"DPM-Solver++ 2M at {TEACHER_MULTIPLIER}x steps on the same model", False, "dpmpp_2m"),
+    (LEARNED_GRID, "grid[2M]", f"DPM-Solver++ 2M at {TEACHER_MULTIPLIER}x steps; one window per step, boundaries learned", True, "dpmpp_2m"),
+)
 
 
 def run_perflow(model: torch.nn.Module, settings: PerflowSettings, noise: torch.Tensor, nfe: int) -> SamplerRun:
@@ -100,20 +109,24 @@ class CalibrationCost(TimeRatio):
 
 
 def perflow_rows(work: Workload, title: str, costs: List[CalibrationCost]) -> List[Row]:
-    """PeRFlow theta = 0, calibrated against its own 8x flow, and calibrated against the exact ODE."""
+    """PeRFlow theta = 0 and every calibrated variant (`CALIBRATED_ROWS`), each fitted per NFE on the fit seeds."""
     zero = Row(THETA_ZERO, "perflow", "ddim_eps, K=4 (K=2 at NFE 2), NFE = steps", "none")
-    own = Row(CALIBRATED_PERFLOW_TEACHER, "perflow", "theta fitted per NFE on the fit seeds", f"PeRFlow flow at {TEACHER_MULTIPLIER}x steps")
-    exact = Row(CALIBRATED_EXACT_TEACHER, "perflow", "theta fitted per NFE on the fit seeds", "exact ODE at window ends, straight lines inside")
+    calibrated = [
+        (Row(name, "perflow", "theta and the windows fitted per NFE on the fit seeds" if grid else "theta fitted per NFE on the fit seeds", teacher), grid, solver)
+        for name, _, teacher, grid, solver in CALIBRATED_ROWS
+    ]
     reference, noise = work.held_out.endpoint, work.held_out.noise.float()
     for nfe in work.nfes:
         zero.record(nfe, run_perflow(work.model, perflow_settings(nfe), noise, nfe), nfe, reference, work.model)
-        for row, teacher in ((own, None), (exact, _exact_teacher_for(work, nfe))):
-            report = _calibrate(work.model, nfe, work, teacher)
+        for row, grid, solver in calibrated:
+            exact = _exact_teacher_for(work, nfe) if row.sampler == CALIBRATED_EXACT_TEACHER else None
+            report = _calibrate(work.model, nfe, work, exact, fit_boundaries=grid, teacher_solver=solver)
             row.theta[nfe] = report.theta.tolist()
-            row.record(nfe, run_perflow(work.model, perflow_settings(nfe, report.theta), noise, nfe), nfe, reference, work.model)
-            if teacher is None:
-                costs.append(CalibrationCost(title, nfe, own.teacher or "", report.total_seconds, report.teacher_seconds))
-    return [zero, own, exact]
+            row.boundaries[nfe] = report.settings.build_segments().boundaries
+            row.record(nfe, run_perflow(work.model, report.settings, noise, nfe), nfe, reference, work.model)
+            if exact is None:
+                costs.append(CalibrationCost(title, nfe, row.sampler, report.total_seconds, report.teacher_seconds))
+    return [zero] + [row for row, _, _ in calibrated]
 
 
 def _exact_teacher_for(work: Workload, nfe: int) -> Teacher:
@@ -121,7 +134,7 @@ def _exact_teacher_for(work: Workload, nfe: int) -> Teacher:
     return exact_ode_teacher(plan, [work.fit, work.held_out])
 
 
-def _calibrate(model: torch.nn.Module, nfe: int, work: Workload, teacher: Optional[Teacher], settings: Optional[PerflowSettings] = None) -> CalibrationReport:
+def _calibrate(model: torch.nn.Module, nfe: int, work: Workload, teacher: Optional[Teacher], settings: Optional[PerflowSettings] = None, **options) -> CalibrationReport:
     settings = settings or perflow_settings(nfe)
     return calibrate_theta(
         diffusers_model_fn(model),
@@ -132,6 +145,7 @@ def _calibrate(model: torch.nn.Module, nfe: int, work: Workload, teacher: Option
         work.held_out.noise.float(),
         teacher=teacher,
         teacher_multiplier=TEACHER_MULTIPLIER,
+        **options,
     )
 
 

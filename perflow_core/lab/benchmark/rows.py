@@ -43,6 +43,7 @@ class Row:
     steps: Dict[int, int] = field(default_factory=dict)
     endpoints: Dict[int, str] = field(default_factory=dict)
     theta: Dict[int, List[List[float]]] = field(default_factory=dict)
+    boundaries: Dict[int, List[float]] = field(default_factory=dict)
     best_of: Dict[int, str] = field(default_factory=dict)
     mapped: Dict[int, bool] = field(default_factory=dict)
 
@@ -73,6 +74,7 @@ class Row:
             "steps": keyed(self.steps),
             "endpoints": keyed(self.endpoints),
             "theta": keyed(self.theta),
+            "boundaries": keyed(self.boundaries),
             "best_of": keyed(self.best_of),
         }
 
@@ -85,6 +87,12 @@ class ModelResult:
     smoothing: float
     rows: List[Row]
     notes: List[str] = field(default_factory=list)
+    model_name: str = "digits"
+
+    @property
+    def tag(self) -> str:
+        """How the ratios name this model: ``s=0.05``, or ``inverted s=0.05`` for another data set."""
+        return f"s={self.smoothing:g}" if self.model_name == "digits" else f"{self.model_name} s={self.smoothing:g}"
 
     def row(self, sampler: str) -> Optional[Row]:
         return next((r for r in self.rows if r.sampler == sampler), None)

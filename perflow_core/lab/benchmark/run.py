@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ...calibration import rmse
-from ..analytic import AnalyticDigitsDenoiser, noise_for_seeds
+from ..analytic import noise_for_seeds
 from .endpoints import ENDPOINT_MAPS, Endpoint, exact_path, map_to_sigma_zero
+from .models import MODEL_TITLES, analytic_model
 from .overhead import Overhead, measure_overheads
 from .peers import ComfyEnvironment, comfy_rows, diffusers_rows, load_comfy
 from .perflow_rows import (
@@ -89,12 +90,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--seeds and --fit-seeds overlap; calibration must be measured on seeds it was not fitted on")
     comfy, comfy_status = load_comfy(args.comfy_scheduler)
     costs: List[CalibrationCost] = []
-    workloads: Dict[float, Workload] = {}
+    workloads: Dict[Any, Workload] = {}
     results = []
     for smoothing in SMOOTHINGS:
         workloads[smoothing] = build_workload(smoothing, held_out, fit, nfes)
         results.append(analytic_result(workloads[smoothing], comfy, costs))
-    student_result, student_status = student_section(Path(args.student), args.student_smoothing, held_out, fit, nfes, workloads, results, comfy, costs)
+    digits_results = list(results)
+    for smoothing in SMOOTHINGS:
+        second = build_workload(smoothing, held_out, fit, nfes, model_name="inverted")
+        workloads[("inverted", smoothing)] = second
+        results.append(analytic_result(second, comfy, costs, "inverted"))
+    student_result, student_status = student_section(Path(args.student), args.student_smoothing, held_out, fit, nfes, workloads, digits_results, comfy, costs)
     overheads = measure_overheads(workloads[SMOOTHINGS[0]].model, workloads[SMOOTHINGS[0]].held_out.noise.float(), comfy, args.quick)
     tables = results + ([student_result] if student_result else [])
     ratios = {m: required_ratios(results, student_result, m) for m in ENDPOINT_MAPS}
@@ -110,21 +116,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_workload(smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], extra_levels: Sequence[float] = ()) -> Workload:
+def build_workload(smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], extra_levels: Sequence[float] = (), model_name: str = "digits") -> Workload:
     """The analytic model at ``smoothing`` and the exact ODE paths of the held-out and fit noise, with states at
     every PeRFlow window boundary the analytic rows use and at ``extra_levels``."""
-    model = AnalyticDigitsDenoiser(smoothing=smoothing)
+    model = analytic_model(model_name, smoothing)
     levels = boundary_levels(model.alphas_cumprod, sorted({perflow_segments_for(n) for n in nfes})) + list(extra_levels)
     return Workload(model, exact_path(model, noise_for_seeds(held_out), levels), exact_path(model, noise_for_seeds(fit), levels), nfes)
 
 
-def analytic_result(work: Workload, comfy: Optional[ComfyEnvironment], costs: List[CalibrationCost]) -> ModelResult:
+def analytic_result(work: Workload, comfy: Optional[ComfyEnvironment], costs: List[CalibrationCost], model_name: str = "digits") -> ModelResult:
     smoothing = work.model.config.smoothing
-    title = f"analytic digits, smoothing {smoothing:g}"
+    title = f"{MODEL_TITLES[model_name]}, smoothing {smoothing:g}"
     rows = perflow_rows(work, title, costs) + diffusers_rows(work)
     if comfy is not None:
         rows += comfy_rows(comfy, work)
-    return ModelResult(title, smoothing, rows, endpoint_floor_notes(work))
+    return ModelResult(title, smoothing, rows, endpoint_floor_notes(work), model_name)
 
 
 def endpoint_floor_notes(work: Workload) -> List[str]:
@@ -146,7 +152,7 @@ def _with_levels(work: Workload, levels: Sequence[float], held_out: Sequence[int
     return build_workload(work.model.config.smoothing, held_out, fit, work.nfes, levels)
 
 
-def student_section(path: Path, default_smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], workloads: Dict[float, Workload], results: Sequence[ModelResult], comfy: Optional[ComfyEnvironment], costs: List[CalibrationCost]) -> Tuple[Optional[ModelResult], str]:
+def student_section(path: Path, default_smoothing: float, held_out: Sequence[int], fit: Sequence[int], nfes: Sequence[int], workloads: Dict[Any, Workload], results: Sequence[ModelResult], comfy: Optional[ComfyEnvironment], costs: List[CalibrationCost]) -> Tuple[Optional[ModelResult], str]:
     """The student's table, or None and the note saying why it was skipped."""
     student, settings, status = load_student_model(path)
     if student is None or settings is None:
@@ -192,7 +198,7 @@ def json_payload(args: argparse.Namespace, tables: Sequence[ModelResult], nfes: 
             "student": student_status,
         },
         "models": [
-            {"title": t.title, "smoothing": t.smoothing, "notes": t.notes, "rows": [r.as_json() for r in t.rows]} for t in tables
+            {"title": t.title, "model": t.model_name, "smoothing": t.smoothing, "notes": t.notes, "rows": [r.as_json() for r in t.rows]} for t in tables
         ],
         "ratios": {m: [{"name": r.name, "value": r.value, "target": r.target, "inclusive": r.inclusive, "met": r.met} for r in rs] for m, rs in ratios.items()},
         "overhead": [o.as_json() for o in overheads],
