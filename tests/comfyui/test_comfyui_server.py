@@ -45,7 +45,7 @@ EXPECTED_INPUTS = {
     "PerflowCheckpointLoader": (["ckpt_name"], 4),
     "PerflowApplyDelta": (["model", "delta_name", "strength"], 1),
     "PerflowCalibrate": (
-        ["model", "positive", "negative", "latent_image", "cfg", "steps", "teacher_multiplier", "samples", "holdout_samples", "seed", "perflow"],
+        ["model", "positive", "negative", "latent_image", "cfg", "steps", "teacher_multiplier", "teacher_solver", "fit_time_grid", "samples", "holdout_samples", "seed", "perflow"],
         3,
     ),
     "PerflowSaveTheta": (["perflow", "filename", "ckpt_name"], 1),
