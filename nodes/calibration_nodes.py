@@ -49,10 +49,10 @@ def progress_bar_and_cancel():
 
 def check_teacher_options(settings, fit_time_grid: bool, teacher_solver: str) -> None:
     """The core's checks, with the messages naming this node's inputs."""
-    try:
-        check_grid_fit(settings, teacher_solver) if fit_time_grid else check_solver(teacher_solver, settings)
-    except ValueError as error:
-        raise ValueError(str(error).replace("fit_boundaries", "fit_time_grid")) from None
+    if fit_time_grid:
+        check_grid_fit(settings, teacher_solver, "fit_time_grid")
+    else:
+        check_solver(teacher_solver, settings)
 
 
 def run_calibration(model, positive, negative, cfg, latent, choice: PerflowChoice, steps, teacher_multiplier, samples, holdout, seed, fit_time_grid=False, teacher_solver="perflow"):

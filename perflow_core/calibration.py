@@ -8,6 +8,9 @@ segment. Segments are fitted in order, each with the sampler's own states (earli
 corrected); a segment with several steps is refitted until its row settles, since its later steps
 start from states that depend on its own theta. A row that does not lower the fit seeds' error at
 its segment's end is set back to zero.
+
+With ``fit_boundaries`` the windows are learned too (one per step, see ``time_grid.py`` and `learn_grid`), and a
+``progress`` hook is told before every network call (ComfyUI's progress bar and Cancel).
 """
 
 from __future__ import annotations

@@ -52,12 +52,13 @@ def signal_level(timestep: float, alphas_cumprod: torch.Tensor) -> float:
     return float(alphas_cumprod[max(int(round(timestep)) - 1, 0)])
 
 
-def check_grid_fit(settings: PerflowSettings, solver: str) -> None:
+def check_grid_fit(settings: PerflowSettings, solver: str, name: str = "fit_boundaries") -> None:
+    """Whether the grid of a model with these settings can be learned; errors name the option as ``name``."""
     if settings.t_clean:
-        raise ValueError(f"fit_boundaries needs t_clean 0 (the learned grid ends at timestep 0); got t_clean={settings.t_clean}")
+        raise ValueError(f"{name} needs t_clean 0 (the learned grid ends at timestep 0); got t_clean={settings.t_clean}")
     if settings.prediction_type != "ddim_eps":
         raise ValueError(
-            f"fit_boundaries needs prediction_type ddim_eps (a model whose output is the usual epsilon); got "
+            f"{name} needs prediction_type ddim_eps (a model whose output is the usual epsilon); got "
             f"{settings.prediction_type}: diff_eps and velocity models predict for the windows they were trained on, which stay fixed"
         )
     check_solver(solver, settings)
