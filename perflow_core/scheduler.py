@@ -18,7 +18,7 @@ from .parameterization import PREDICTION_TYPES, path_noise_scales
 from .sampling import LoopChecks, SamplingPlan
 from .segments import SegmentStep
 from .segments import Segments
-from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, PerflowSettings
+from .settings import CONFIG_KEYS, FIELD_NAMES, FORMAT_VERSION, SCHEDULER_CLASS_NAMES, PerflowSettings
 from .solver import StepCoefficients, StepResult, apply_step
 from .theta import theta_rows_like, theta_to_list
 
@@ -512,7 +512,6 @@ class TimeWindows:
         return timepoint.new_tensor([p[0] for p in pairs]), timepoint.new_tensor([p[1] for p in pairs])
 
 
-PERFLOW_CLASS_NAMES = ("PerflowScheduler", "PeRFlowScheduler")
 RELEASED_PREDICTION_TYPES = (
     "the SD1.5 releases (hansyan/perflow-sd15-*) use diff_eps, SD2.1-v (hansyan/perflow-sd21-artius) velocity, "
     "SDXL (hansyan/perflow-sdxl-*) ddim_eps"
@@ -523,7 +522,7 @@ def _check_foreign_prediction_type(config: Dict[str, Any], kwargs: Dict[str, Any
     """Refuse a prediction_type that another scheduler class's config states (not one diffusers filled in)."""
     named = config.get("_class_name")
     stated = config.get("prediction_type") is not None and "prediction_type" not in config.get("_use_default_values", [])
-    if named in (None, *PERFLOW_CLASS_NAMES) or not stated or kwargs.get("prediction_type") is not None:
+    if named in (None, *SCHEDULER_CLASS_NAMES) or not stated or kwargs.get("prediction_type") is not None:
         return
     raise ValueError(
         f"prediction_type {config['prediction_type']!r} comes from a {named} config and is not a PeRFlow "

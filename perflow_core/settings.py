@@ -63,6 +63,8 @@ FIELD_NAMES = tuple(f.name for f in FIELDS)
 CONFIG_KEYS = {f.name: f.config_key for f in FIELDS}
 # The original PeRFlowScheduler's name for the number of segments.
 CONFIG_ALIASES = {"num_time_windows": "segments"}
+# Scheduler classes whose configs state PeRFlow settings (``_class_name``): ours and the original's.
+SCHEDULER_CLASS_NAMES = ("PerflowScheduler", "PeRFlowScheduler")
 
 
 class PerflowSettings:
