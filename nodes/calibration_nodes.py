@@ -17,11 +17,12 @@ from ..perflow_core.checkpoint import read_perflow_settings, save_theta_file, wr
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, perflow_sigmas
 from ..perflow_core.report_plot import calibration_chart
 from ..perflow_core.time_grid import GRID_SOLVERS, check_grid_fit, check_solver
-from .glue import PerflowChoice, choice_or_default, file_stem, listed_file, with_perflow_timesteps
+from .glue import PerflowChoice, choice_or_default, file_stem, with_perflow_timesteps
+from .model_files import CHECKPOINTS, pack_model_files
 from .settings_node import Perflow, optional_perflow_input
 
 THETA_FOLDER = "perflow_theta"
-folder_paths.add_model_folder_path(THETA_FOLDER, os.path.join(folder_paths.models_dir, THETA_FOLDER))
+THETAS = pack_model_files(THETA_FOLDER)
 NO_CHECKPOINT = "(standalone theta file)"
 HOLDOUT_SEED_OFFSET = 1_000_000
 
@@ -179,13 +180,17 @@ class PerflowSaveThetaNode(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "ckpt_name",
-                    options=[NO_CHECKPOINT] + folder_paths.get_filename_list("checkpoints"),
+                    options=[NO_CHECKPOINT] + CHECKPOINTS.options(),
                     default=NO_CHECKPOINT,
                     tooltip="A checkpoint to copy with the settings added, or a standalone theta file.",
                 ),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the file was written.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name) -> bool | str:
+        return ckpt_name == NO_CHECKPOINT or CHECKPOINTS.check(ckpt_name)
 
     @classmethod
     def execute(cls, perflow, filename: str, ckpt_name: str) -> io.NodeOutput:
@@ -195,7 +200,7 @@ class PerflowSaveThetaNode(io.ComfyNode):
             os.makedirs(folder, exist_ok=True)
             path = write_under_free_name(folder, name, ".safetensors", lambda new: save_theta_file(new, perflow.settings))
         else:
-            source = listed_file("checkpoints", ckpt_name, "ckpt_name")
+            source = CHECKPOINTS.path(ckpt_name, "ckpt_name")
             path = write_under_free_name(os.path.dirname(source), name, ".safetensors", lambda new: write_perflow_checkpoint(source, new, perflow.settings))
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"wrote {path}"))
 
@@ -209,14 +214,18 @@ class PerflowLoadThetaNode(io.ComfyNode):
             category="loaders",
             description="Reads PeRFlow settings from a standalone theta file (models/perflow_theta).",
             inputs=[
-                io.Combo.Input("theta_name", options=folder_paths.get_filename_list(THETA_FOLDER), tooltip="A file written by Save PeRFlow Theta or `perflow calibrate`."),
+                io.Combo.Input("theta_name", options=THETAS.options(), tooltip="A file written by Save PeRFlow Theta or `perflow calibrate`."),
             ],
             outputs=[Perflow.Output(display_name="perflow", tooltip="The settings in the file.")],
         )
 
     @classmethod
+    def validate_inputs(cls, theta_name) -> bool | str:
+        return THETAS.check(theta_name)
+
+    @classmethod
     def execute(cls, theta_name: str) -> io.NodeOutput:
-        path = listed_file(THETA_FOLDER, theta_name, "theta_name")
+        path = THETAS.path(theta_name, "theta_name")
         try:
             settings = read_perflow_settings(path)
         except ValueError as error:

@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import comfy.patcher_extension
 import comfy.samplers
-import folder_paths
 
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, sample_perflow
 from ..perflow_core.settings import PerflowSettings
@@ -85,16 +84,6 @@ def perflow_ksampler(choice: Optional[PerflowChoice]) -> comfy.samplers.KSAMPLER
 
 
 MAX_FILE_STEM = 200
-
-
-def listed_file(folder: str, name: Any, input_name: str) -> str:
-    """The full path of a file a combo input names, refused naming the input (and listing the files there) when
-    the value is not one of its options, as an API prompt can send."""
-    options = folder_paths.get_filename_list(folder)
-    if not isinstance(name, str) or name not in options:
-        shown = ", ".join(options[:20]) + (", ..." if len(options) > 20 else "") if options else f"none: put files in models/{folder}"
-        raise ValueError(f"{input_name} {name!r} is not a file in models/{folder}; available: {shown}")
-    return folder_paths.get_full_path_or_raise(folder, name)
 
 
 def file_stem(value: Any, input_name: str, default: str) -> str:

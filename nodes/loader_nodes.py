@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Mapping
 
 import comfy.sd
@@ -13,13 +12,14 @@ import torch
 from comfy_api.latest import io
 
 from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
-from .glue import PerflowChoice, default_prediction_type, listed_file
+from .glue import PerflowChoice, default_prediction_type
+from .model_files import CHECKPOINTS, pack_model_files
 from .settings_node import Perflow
 
 logger = logging.getLogger(__name__)
 
 DELTA_FOLDER = "perflow_deltas"
-folder_paths.add_model_folder_path(DELTA_FOLDER, os.path.join(folder_paths.models_dir, DELTA_FOLDER))
+DELTAS = pack_model_files(DELTA_FOLDER)
 
 
 def read_named(input_name: str, value: str, read: Callable[[], Any]) -> Any:
@@ -57,7 +57,7 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "ckpt_name",
-                    options=folder_paths.get_filename_list("checkpoints"),
+                    options=CHECKPOINTS.options(),
                     tooltip="A checkpoint from models/checkpoints (.safetensors, or a legacy pickle read with weights_only).",
                 )
             ],
@@ -70,8 +70,12 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name) -> bool | str:
+        return CHECKPOINTS.check(ckpt_name)
+
+    @classmethod
     def execute(cls, ckpt_name: str) -> io.NodeOutput:
-        path = listed_file("checkpoints", ckpt_name, "ckpt_name")
+        path = CHECKPOINTS.path(ckpt_name, "ckpt_name")
         weights, metadata, settings, has_prediction_type = read_named("ckpt_name", ckpt_name, lambda: load_weights_and_settings(path))
         loaded = comfy.sd.load_state_dict_guess_config(
             weights,
@@ -132,7 +136,7 @@ class PerflowApplyDeltaNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SD1.5 model (any fine-tune)."),
                 io.Combo.Input(
                     "delta_name",
-                    options=folder_paths.get_filename_list(DELTA_FOLDER),
+                    options=DELTAS.options(),
                     tooltip="A diffusers-format UNet delta in models/perflow_deltas (e.g. the release's diffusion_pytorch_model.safetensors, renamed).",
                 ),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="Scale of the delta; 1 is the release."),
@@ -141,8 +145,12 @@ class PerflowApplyDeltaNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, delta_name) -> bool | str:
+        return DELTAS.check(delta_name)
+
+    @classmethod
     def execute(cls, model, delta_name: str, strength: float) -> io.NodeOutput:
-        path = listed_file(DELTA_FOLDER, delta_name, "delta_name")
+        path = DELTAS.path(delta_name, "delta_name")
         delta = read_named("delta_name", delta_name, lambda: tensors_only(comfy.utils.load_torch_file(path, safe_load=True)))
         try:
             patches, unknown = delta_patches(model, delta)
@@ -155,3 +163,4 @@ class PerflowApplyDeltaNode(io.ComfyNode):
         patched = model.clone()
         patched.add_patches(patches, strength)
         return io.NodeOutput(patched)
+
