@@ -6,7 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .calibration_nodes import PerflowCalibrateNode, PerflowLoadThetaNode, PerflowSaveThetaNode
 from .dropdowns import register_dropdowns
-from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode
+from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode, PerflowDiffusersLoaderNode
 from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSigmasNode
 from .save_nodes import PerflowSaveCheckpointNode
 from .settings_node import PerflowSettingsNode
@@ -18,6 +18,7 @@ NODES = [
     PerflowKSamplerNode,
     PerflowCheckpointLoaderNode,
     PerflowApplyDeltaNode,
+    PerflowDiffusersLoaderNode,
     PerflowCalibrateNode,
     PerflowSaveThetaNode,
     PerflowLoadThetaNode,

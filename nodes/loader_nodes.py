@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping
 
+import comfy.model_sampling
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -12,8 +14,9 @@ import torch
 from comfy_api.latest import io
 
 from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
-from .glue import PerflowChoice, default_prediction_type
-from .model_files import CHECKPOINTS, pack_model_files
+from ..perflow_core.diffusers_folder import MODEL_INDEX, read_json, scheduler_config, scheduler_settings, states_v_prediction, weight_files
+from .glue import PerflowChoice, default_choice, default_prediction_type
+from .model_files import CHECKPOINTS, DIFFUSERS, pack_model_files
 from .settings_node import Perflow
 
 logger = logging.getLogger(__name__)
@@ -164,3 +167,90 @@ class PerflowApplyDeltaNode(io.ComfyNode):
         patched.add_patches(patches, strength)
         return io.NodeOutput(patched)
 
+
+def folder_weights(folder: str, component: str, model_path: str) -> Dict[str, torch.Tensor]:
+    """One component's weights (every shard of a sharded set), read as ComfyUI reads model files (pickles only
+    with weights_only)."""
+    files = read_named("model_path", model_path, lambda: weight_files(folder, component))
+    weights: Dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(read_named("model_path", f"{model_path}/{component}/{file.name}", lambda: comfy.utils.load_torch_file(str(file), safe_load=True)))
+    return weights
+
+
+def text_encoders(folder: str, index: Mapping[str, Any]) -> List[str]:
+    """text_encoder, and text_encoder_2 where the folder has one (SDXL), as ComfyUI's load_diffusers takes them."""
+    second = "text_encoder_2" in index or (Path(folder) / "text_encoder_2").is_dir()
+    return ["text_encoder", "text_encoder_2"] if second else ["text_encoder"]
+
+
+def with_v_prediction(model):
+    """The model sampling v, as the stock ModelSamplingDiscrete node sets it, for a folder whose scheduler config
+    says v_prediction where ComfyUI's weight-based guess said eps."""
+    if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION):
+        return model
+
+    class VPredictionSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+        pass
+
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", VPredictionSampling(model.model.model_config))
+    return patched
+
+
+class PerflowDiffusersLoaderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerflowDiffusersLoader",
+            display_name="Load PeRFlow Diffusers Model",
+            category="PeRFlow/loaders",
+            description="Loads a piecewise rectified flow (PeRFlow) model published as a diffusers folder (the hansyan/perflow-* "
+            "releases) with ComfyUI's own loaders, including variant weight files such as the SDXL releases' v0-fix, and reads "
+            "the PeRFlow settings from its scheduler config (else the released models' settings for the model family).",
+            inputs=[
+                io.Combo.Input(
+                    "model_path",
+                    options=DIFFUSERS.options(),
+                    tooltip="A folder under models/diffusers holding model_index.json, unet/, vae/, text_encoder/ (+ text_encoder_2/ for SDXL) and scheduler/.",
+                )
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The diffusion model (unet/)."),
+                io.Clip.Output(tooltip="The text encoders (text_encoder/, text_encoder_2/)."),
+                io.Vae.Output(tooltip="The VAE (vae/)."),
+                Perflow.Output(
+                    display_name="perflow",
+                    tooltip="PeRFlow settings from scheduler/scheduler_config.json when it is a PeRFlow scheduler's; otherwise "
+                    "K = 4 and the released models' parameterisation for the family (SD1.5 diff_eps, SD2.x-v velocity, SDXL ddim_eps).",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_path) -> bool | str:
+        return DIFFUSERS.check(model_path)
+
+    @classmethod
+    def execute(cls, model_path: str) -> io.NodeOutput:
+        folder = DIFFUSERS.path(model_path, "model_path")
+        index = read_named("model_path", model_path, lambda: read_json(Path(folder) / MODEL_INDEX, MODEL_INDEX))
+        config = read_named("model_path", model_path, lambda: scheduler_config(folder))
+        settings = read_named("model_path", model_path, lambda: scheduler_settings(config))
+        model = comfy.sd.load_diffusion_model_state_dict(folder_weights(folder, "unet", model_path))
+        if model is None:
+            raise ValueError(
+                f"model_path {model_path!r}: ComfyUI does not recognise the UNet in unet/ (its layout is none of the diffusers "
+                "UNets ComfyUI detects: SD1.x, SD2.x, SDXL and their distilled variants)"
+            )
+        if states_v_prediction(config):
+            model = with_v_prediction(model)
+        encoders = [folder_weights(folder, name, model_path) for name in text_encoders(folder, index)]
+        embeddings = folder_paths.get_folder_paths("embeddings")
+        clip = read_named("model_path", f"{model_path}/text_encoder", lambda: comfy.sd.load_text_encoder_state_dicts(encoders, embedding_directory=embeddings))
+        vae_weights = folder_weights(folder, "vae", model_path)
+        vae = read_named("model_path", f"{model_path}/vae", lambda: comfy.sd.VAE(sd=vae_weights))
+        if settings is None:
+            logger.info("PeRFlow: %s has no PeRFlow scheduler config; using K = 4 and the released models' parameterisation for its family", model_path)
+            return io.NodeOutput(model, clip, vae, default_choice())
+        return io.NodeOutput(model, clip, vae, PerflowChoice(settings))

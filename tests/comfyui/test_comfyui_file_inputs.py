@@ -1,7 +1,8 @@
 """Spec (issue 10, point 5): the pack creates its model folders when it loads, and a prompt naming a file or folder
 that is not there is refused while ComfyUI validates it, before any node runs, naming the input and listing what
 exists, for every file input of the pack: Load PeRFlow Checkpoint's ckpt_name, Apply PeRFlow Delta Weights'
-delta_name, Load PeRFlow Theta's theta_name, and Save PeRFlow Theta's ckpt_name.
+delta_name, Load PeRFlow Theta's theta_name, Save PeRFlow Theta's ckpt_name and Load PeRFlow Diffusers Model's
+model_path.
 
 In-process through ComfyUI's own execution.validate_prompt, and through the HTTP server (POST /prompt answers 400
 with node_errors).
@@ -22,6 +23,7 @@ from support.server import CHECKPOINT_NAME, DELTA_NAME, THETA_NAME, comfy_server
 pytestmark = requires_comfyui
 
 PRESENT = "present.safetensors"
+PRESENT_MODEL = "present_model"
 MISSING = "missing.safetensors"
 # input -> (node, the folder kind its files come from)
 FILE_INPUTS = {
@@ -29,6 +31,7 @@ FILE_INPUTS = {
     "delta_name": ("PerflowApplyDelta", "perflow_deltas"),
     "theta_name": ("PerflowLoadTheta", "perflow_theta"),
     "save_ckpt_name": ("PerflowSaveTheta", "checkpoints"),
+    "model_path": ("PerflowDiffusersLoader", "diffusers"),
 }
 
 
@@ -46,6 +49,7 @@ def prompt_naming(case: str, value: str, checkpoint: str, theta: str) -> dict:
     if case == "save_ckpt_name":
         load = {"class_type": "PerflowLoadTheta", "inputs": {"theta_name": theta}}
         return {"1": load, "2": {"class_type": "PerflowSaveTheta", "inputs": {"perflow": ["1", 0], "filename": "never_written", "ckpt_name": value}}}
+    return {"1": {"class_type": "PerflowDiffusersLoader", "inputs": {"model_path": value}}, "2": preview(["1", 3])}
 
 
 def node_under_test(case: str, prompt: dict) -> str:
@@ -80,7 +84,10 @@ def registered(tmp_path, perflow_pack, monkeypatch):
     for kind in kinds:
         (tmp_path / kind).mkdir()
         folder_paths.add_model_folder_path(kind, str(tmp_path / kind))
+    for kind in kinds - {"diffusers"}:
         (tmp_path / kind / PRESENT).write_bytes(b"")
+    (tmp_path / "diffusers" / PRESENT_MODEL).mkdir()
+    (tmp_path / "diffusers" / PRESENT_MODEL / "model_index.json").write_text("{}")
     yield
     for kind in kinds:
         folder_paths.folder_names_and_paths[kind][0].remove(str(tmp_path / kind))
@@ -102,17 +109,19 @@ def test_a_missing_file_is_refused_at_validation_listing_what_exists(registered,
     assert list(node_errors) == [node_id], node_errors
     (error,) = node_errors[node_id]["errors"]
     assert error["extra_info"]["input_name"] == input_name(case)
-    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {PRESENT}" in error["details"], error
+    present = PRESENT_MODEL if case == "model_path" else PRESENT
+    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {present}" in error["details"], error
 
 
 @pytest.mark.parametrize("case", sorted(FILE_INPUTS))
 def test_a_present_file_passes_validation(registered, case):
-    valid, error, _, node_errors = validate(prompt_naming(case, PRESENT, PRESENT, PRESENT))
+    present = PRESENT_MODEL if case == "model_path" else PRESENT
+    valid, error, _, node_errors = validate(prompt_naming(case, present, PRESENT, PRESENT))
     assert valid is True and node_errors == {}, (error, node_errors)
 
 
 # ------------------------------------------------------------------------------------------------ the server
-SERVER_FILES = {"ckpt_name": CHECKPOINT_NAME, "delta_name": DELTA_NAME, "theta_name": THETA_NAME, "save_ckpt_name": CHECKPOINT_NAME}
+SERVER_FILES = {"ckpt_name": CHECKPOINT_NAME, "delta_name": DELTA_NAME, "theta_name": THETA_NAME, "save_ckpt_name": CHECKPOINT_NAME, "model_path": None}
 
 
 @pytest.mark.parametrize("case", sorted(FILE_INPUTS))
@@ -124,6 +133,7 @@ def test_post_prompt_with_a_missing_file_is_answered_400_and_runs_nothing(comfy_
     node_id = node_under_test(case, prompt)
     assert list(payload["node_errors"]) == [node_id], json.dumps(payload, indent=1)
     (error,) = payload["node_errors"][node_id]["errors"]
-    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {SERVER_FILES[case]}" in error["details"], error
+    listed = SERVER_FILES[case] or "none: put them in models/diffusers"
+    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {listed}" in error["details"], error
     assert comfy_server.get_json("/queue") == {"queue_running": [], "queue_pending": []}
     assert comfy_server.get_json("/history") == history_before

@@ -19,7 +19,6 @@ which our sampler divides out again, so both sides start from the same noise ten
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import math
@@ -33,11 +32,13 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     PACK_NAME,
     build_tiny_sd15_checkpoint,
     comfy,
+    flat,
     interrupted_after_calls,
     pack_core,
     parameter_counts,
     perflow_pack,
     progress_bar_updates,
+    recorded_timesteps,
     requires_comfyui,
     run_node,
     tiny_sd15,
@@ -112,29 +113,6 @@ def noise_tensor(seed: int, shape=LATENT_SHAPE) -> torch.Tensor:
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
-
-
-@contextlib.contextmanager
-def recorded_timesteps(model):
-    """Record the ``timesteps`` argument of every call of the UNet's ``_forward`` (after ComfyUI's
-    DIFFUSION_MODEL wrappers, so what the network itself receives). Yields the list of per-call lists."""
-    network = model.model.diffusion_model
-    original = network._forward
-    calls = []
-
-    def recording(x, timesteps=None, *args, **kwargs):
-        calls.append([float(t) for t in timesteps.flatten()])
-        return original(x, timesteps, *args, **kwargs)
-
-    network._forward = recording
-    try:
-        yield calls
-    finally:
-        del network._forward
-
-
-def flat(calls):
-    return [t for call in calls for t in call]
 
 
 def comfy_sample(env, model, choice, steps, cfg, noise, latent=None, denoise=1.0, noise_mask=None):

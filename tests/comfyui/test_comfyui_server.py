@@ -44,6 +44,7 @@ EXPECTED_INPUTS = {
     "PerflowKSampler": (["model", "seed", "steps", "cfg", "positive", "negative", "latent_image", "denoise", "perflow"], 1),
     "PerflowCheckpointLoader": (["ckpt_name"], 4),
     "PerflowApplyDelta": (["model", "delta_name", "strength"], 1),
+    "PerflowDiffusersLoader": (["model_path"], 4),
     "PerflowCalibrate": (
         ["model", "positive", "negative", "latent_image", "cfg", "steps", "teacher_multiplier", "teacher_solver", "fit_time_grid", "samples", "holdout_samples", "seed", "perflow"],
         3,

@@ -9,6 +9,7 @@
 * ``pack_core(submodule="")``: the pack's own ``perflow_core`` (``comfyui_perflow_pack.perflow_core``), also in
   a process without ComfyUI (the server tests). The ComfyUI tests never import the top-level ``perflow_core``:
   the code is loaded once, as the pack.
+* ``recorded_timesteps(model)`` / ``flat(calls)``: the timesteps the diffusion network itself receives.
 * session fixtures ``tiny_sd15_checkpoint`` (built once per session), ``comfy``, ``perflow_pack`` and
   ``tiny_sd15`` (MODEL, CLIP, VAE loaded from the tiny checkpoint). Import them into a test module.
 * ``model_folder(name, path)`` / ``output_directory(path)``: a ComfyUI model folder or the output folder pointed at a
@@ -519,3 +520,26 @@ def interrupted_after_calls(calls: list, count: int):
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
         comfy.model_management.interrupt_current_processing(False)
+
+
+@contextlib.contextmanager
+def recorded_timesteps(model):
+    """Record the ``timesteps`` argument of every call of the UNet's ``_forward`` (after ComfyUI's
+    DIFFUSION_MODEL wrappers, so what the network itself receives). Yields the list of per-call lists."""
+    network = model.model.diffusion_model
+    original = network._forward
+    calls = []
+
+    def recording(x, timesteps=None, *args, **kwargs):
+        calls.append([float(t) for t in timesteps.flatten()])
+        return original(x, timesteps, *args, **kwargs)
+
+    network._forward = recording
+    try:
+        yield calls
+    finally:
+        del network._forward
+
+
+def flat(calls):
+    return [t for call in calls for t in call]
