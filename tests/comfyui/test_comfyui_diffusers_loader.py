@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from support.comfyui import PACK_NAME, comfy, flat, pack_core, perflow_pack, recorded_timesteps, requires_comfyui, run_node  # noqa: F401
+from support.comfyui import PACK_NAME, comfy, flat, model_folder, pack_core, perflow_pack, recorded_timesteps, requires_comfyui, run_node  # noqa: F401
 from support.diffusers_folders import (
     COMFY_MODEL_CONFIGS,
     ORIGINAL_PERFLOW_SCHEDULER,
@@ -49,12 +49,8 @@ LATENT_SHAPE = (1, 4, 8, 8)
 @pytest.fixture(scope="session")
 def diffusers_root(tmp_path_factory, perflow_pack):
     """The folders, built once per session and registered as a models/diffusers folder."""
-    import folder_paths
-
-    root = build_folders(tmp_path_factory.mktemp("diffusers_models"), FOLDERS)
-    folder_paths.add_model_folder_path("diffusers", str(root))
-    yield root
-    folder_paths.folder_names_and_paths["diffusers"][0].remove(str(root))
+    with model_folder("diffusers", build_folders(tmp_path_factory.mktemp("diffusers_models"), FOLDERS)) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +125,8 @@ def test_the_vae_decodes(loaded):
 @pytest.fixture
 def bad_folders(tmp_path, perflow_pack):
     """An empty models/diffusers folder registered for one test."""
-    import folder_paths
-
-    folder_paths.add_model_folder_path("diffusers", str(tmp_path))
-    yield tmp_path
-    folder_paths.folder_names_and_paths["diffusers"][0].remove(str(tmp_path))
+    with model_folder("diffusers", tmp_path) as root:
+        yield root
 
 
 def _folder(root, name, files):

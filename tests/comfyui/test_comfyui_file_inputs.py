@@ -11,13 +11,14 @@ with node_errors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 
 import pytest
 
-from support.comfyui import PACK_NAME, comfy, perflow_pack, requires_comfyui  # noqa: F401
+from support.comfyui import PACK_NAME, comfy, model_folder, perflow_pack, requires_comfyui  # noqa: F401
 from support.server import CHECKPOINT_NAME, DELTA_NAME, THETA_NAME, comfy_server  # noqa: F401
 
 pytestmark = requires_comfyui
@@ -73,25 +74,19 @@ def test_the_pack_creates_its_model_folders(perflow_pack):
 @pytest.fixture
 def registered(tmp_path, perflow_pack, monkeypatch):
     """The pack's nodes and PreviewAny as ComfyUI registers them, and one present file (or model folder) per kind."""
-    import folder_paths
     import nodes as comfy_nodes
     from comfy_extras.nodes_preview_any import PreviewAny
 
     for node in importlib.import_module(PACK_NAME + ".nodes").NODES:
         monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, node.define_schema().node_id, node)
     monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, "PreviewAny", PreviewAny)
-    kinds = {kind for _, kind in FILE_INPUTS.values()}
-    for kind in kinds:
-        (tmp_path / kind).mkdir()
-        folder_paths.add_model_folder_path(kind, str(tmp_path / kind))
-    for kind in kinds - {"diffusers"}:
-        (tmp_path / kind / PRESENT).write_bytes(b"")
-    (tmp_path / "diffusers" / PRESENT_MODEL).mkdir()
-    (tmp_path / "diffusers" / PRESENT_MODEL / "model_index.json").write_text("{}")
-    yield
-    for kind in kinds:
-        folder_paths.folder_names_and_paths[kind][0].remove(str(tmp_path / kind))
-        folder_paths.filename_list_cache.pop(kind, None)
+    with contextlib.ExitStack() as folders:
+        for kind in {kind for _, kind in FILE_INPUTS.values()}:
+            folder = folders.enter_context(model_folder(kind, tmp_path / kind))
+            (folder / PRESENT).write_bytes(b"")
+        (tmp_path / "diffusers" / PRESENT_MODEL).mkdir()
+        (tmp_path / "diffusers" / PRESENT_MODEL / "model_index.json").write_text("{}")
+        yield
 
 
 def validate(prompt: dict):
