@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -48,9 +49,14 @@ LATENT_SHAPE = (1, 4, 8, 8)
 
 @pytest.fixture(scope="session")
 def diffusers_root(tmp_path_factory, perflow_pack):
-    """The folders, built once per session and registered as a models/diffusers folder."""
-    with model_folder("diffusers", build_folders(tmp_path_factory.mktemp("diffusers_models"), FOLDERS)) as root:
-        yield root
+    """The folders, built once per session and registered as a models/diffusers folder; deleted at the end (about
+    2.9 GB, more than pytest's kept temporary folders should hold)."""
+    root = tmp_path_factory.mktemp("diffusers_models")
+    try:
+        with model_folder("diffusers", build_folders(root, FOLDERS)):
+            yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
