@@ -184,6 +184,19 @@ def text_encoders(folder: str, index: Mapping[str, Any]) -> List[str]:
     return ["text_encoder", "text_encoder_2"] if second else ["text_encoder"]
 
 
+def load_unet(folder: str, model_path: str, config: Any):
+    """unet/ as ComfyUI's diffusers loader loads it (its layout detected among the ones ComfyUI knows), v-prediction
+    when the folder's (non-PeRFlow) scheduler config says so."""
+    weights = folder_weights(folder, "unet", model_path)
+    model = read_named("model_path", f"{model_path}/unet", lambda: comfy.sd.load_diffusion_model_state_dict(weights))
+    if model is None:
+        raise ValueError(
+            f"model_path {model_path!r}: ComfyUI does not recognise the UNet in unet/ (its layout is none of the diffusers "
+            "UNets ComfyUI detects: SD1.x, SD2.x, SDXL and their distilled variants)"
+        )
+    return with_v_prediction(model) if states_v_prediction(config) else model
+
+
 def with_v_prediction(model):
     """The model sampling v, as the stock ModelSamplingDiscrete node sets it, for a folder whose scheduler config
     says v_prediction where ComfyUI's weight-based guess said eps."""
@@ -237,14 +250,7 @@ class PerflowDiffusersLoaderNode(io.ComfyNode):
         index = read_named("model_path", model_path, lambda: read_json(Path(folder) / MODEL_INDEX, MODEL_INDEX))
         config = read_named("model_path", model_path, lambda: scheduler_config(folder))
         settings = read_named("model_path", model_path, lambda: scheduler_settings(config))
-        model = comfy.sd.load_diffusion_model_state_dict(folder_weights(folder, "unet", model_path))
-        if model is None:
-            raise ValueError(
-                f"model_path {model_path!r}: ComfyUI does not recognise the UNet in unet/ (its layout is none of the diffusers "
-                "UNets ComfyUI detects: SD1.x, SD2.x, SDXL and their distilled variants)"
-            )
-        if states_v_prediction(config):
-            model = with_v_prediction(model)
+        model = load_unet(folder, model_path, config)
         encoders = [folder_weights(folder, name, model_path) for name in text_encoders(folder, index)]
         embeddings = folder_paths.get_folder_paths("embeddings")
         clip = read_named("model_path", f"{model_path}/text_encoder", lambda: comfy.sd.load_text_encoder_state_dicts(encoders, embedding_directory=embeddings))
