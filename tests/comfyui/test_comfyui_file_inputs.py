@@ -19,7 +19,7 @@ import os
 import pytest
 
 from support.comfyui import PACK_NAME, comfy, model_folder, perflow_pack, requires_comfyui  # noqa: F401
-from support.server import CHECKPOINT_NAME, DELTA_NAME, THETA_NAME, comfy_server  # noqa: F401
+from support.server import CHECKPOINT_NAME, DELTA_NAME, DIFFUSERS_LISTED_NAME, THETA_NAME, comfy_server  # noqa: F401
 
 pytestmark = requires_comfyui
 
@@ -116,7 +116,7 @@ def test_a_present_file_passes_validation(registered, case):
 
 
 # ------------------------------------------------------------------------------------------------ the server
-SERVER_FILES = {"ckpt_name": CHECKPOINT_NAME, "delta_name": DELTA_NAME, "theta_name": THETA_NAME, "save_ckpt_name": CHECKPOINT_NAME, "model_path": None}
+SERVER_FILES = {"ckpt_name": CHECKPOINT_NAME, "delta_name": DELTA_NAME, "theta_name": THETA_NAME, "save_ckpt_name": CHECKPOINT_NAME, "model_path": DIFFUSERS_LISTED_NAME}
 
 
 @pytest.mark.parametrize("case", sorted(FILE_INPUTS))
@@ -128,7 +128,6 @@ def test_post_prompt_with_a_missing_file_is_answered_400_and_runs_nothing(comfy_
     node_id = node_under_test(case, prompt)
     assert list(payload["node_errors"]) == [node_id], json.dumps(payload, indent=1)
     (error,) = payload["node_errors"][node_id]["errors"]
-    listed = SERVER_FILES[case] or "none: put them in models/diffusers"
-    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {listed}" in error["details"], error
+    assert error["details"].startswith(f"{input_name(case)} - {MISSING!r} is not ") and f"available: {SERVER_FILES[case]}" in error["details"], error
     assert comfy_server.get_json("/queue") == {"queue_running": [], "queue_pending": []}
     assert comfy_server.get_json("/history") == history_before

@@ -10,6 +10,7 @@ Layout of the server's base directory (a fresh temporary folder):
     models/checkpoints/perflow_tiny_sd15.safetensors   tiny SD1.5-architecture checkpoint with perflow.* keys
     models/perflow_deltas/perflow_tiny_delta.safetensors   small random delta, diffusers UNet key names
     models/perflow_theta/perflow_tiny_theta.safetensors   standalone theta file (an option for Load PeRFlow Theta)
+    models/diffusers/perflow-sd15-dreamshaper/model_index.json   a name in Load PeRFlow Diffusers Model's list (no weights)
     input/perflow_example_input.png   64x64 image for the img2img workflow
     user/default/comfy.settings.json   skips the frontend's first-visit template dialog
 The server log is copied to test-artifacts/comfyui_server.log (git-ignored) when the server stops.
@@ -47,6 +48,7 @@ DELTA_NAME = "perflow_tiny_delta.safetensors"
 THETA_NAME = "perflow_tiny_theta.safetensors"
 THETA_FOLDER = "models/perflow_theta"
 INPUT_IMAGE_NAME = "perflow_example_input.png"
+DIFFUSERS_LISTED_NAME = "perflow-sd15-dreamshaper"
 
 # The example workflows: UI format in example_workflows/<name>.json, API format in tests/comfyui/workflows_api/<name>_api.json.
 WORKFLOW_NAMES = ["perflow_txt2img", "perflow_sd15_delta", "perflow_img2img", "perflow_ksampler_settings"]
@@ -276,6 +278,9 @@ def prepare_base_directory(base: Path) -> None:
     assert checkpoint.is_file(), f"build_tiny_sd15_checkpoint did not write {checkpoint}"
     _write_delta(checkpoint, base / "models/perflow_deltas" / DELTA_NAME)
     _write_input_image(base / "input" / INPUT_IMAGE_NAME)
+    listed = base / "models/diffusers" / DIFFUSERS_LISTED_NAME
+    listed.mkdir(parents=True)
+    (listed / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     theta = PerflowSettings(segments=4, prediction_type="diff_eps", theta=[[0.02, 0.0, 0.01], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])
     save_theta_file(base / THETA_FOLDER / THETA_NAME, theta)
 
