@@ -201,10 +201,18 @@ def sample_perflow(
 
 
 def check_steps_stay_in_their_segments(plan: SamplingPlan, name: str = "sigmas") -> None:
-    """PeRFlow follows one segment's straight line per step: a step may end on its segment's end, not past it."""
+    """PeRFlow follows one segment's straight line per step: a step may end on its segment's end, not past it.
+
+    As in the original, a step ends on a boundary's truncated training timestep (K = 3: 1000 -> 666, the boundary
+    being 666.67), and the last segment's final step goes on to 0 past ``t_clean``.
+    """
     scale = plan.settings.num_train_timesteps
+    last = len(plan.settings.build_segments()) - 1
     for step, timestep in zip(plan.steps, plan.timesteps):
-        if step.t_next * scale < step.t_end * scale - BOUNDARY_TOLERANCE:
+        landing = math.floor(step.t_end * scale + BOUNDARY_TOLERANCE)
+        if step.index == last and step.t_next == 0:
+            continue
+        if step.t_next * scale < landing - BOUNDARY_TOLERANCE:
             raise ValueError(
                 f"{name}: the step from timestep {timestep:g} to {step.t_next * scale:g} crosses the segment boundary "
                 f"{step.t_end * scale:g}; PeRFlow steps within one segment at a time, so its steps must land on the "

@@ -31,8 +31,8 @@ from support.diffusers_folders import (
 pytestmark = requires_comfyui
 
 FOLDERS = {
-    # The original's scheduler config with its legacy name of diff_eps and five windows.
-    "sd15_perflow_scheduler": FolderSpec("sd15", dict(ORIGINAL_PERFLOW_SCHEDULER, prediction_type="epsilon", num_time_windows=5)),
+    # The original's scheduler config with its legacy name of diff_eps and three windows (boundaries 666.67, 333.33).
+    "sd15_perflow_scheduler": FolderSpec("sd15", dict(ORIGINAL_PERFLOW_SCHEDULER, prediction_type="epsilon", num_time_windows=3)),
     # SD2.1-768's DDIM config: v_prediction, not a PeRFlow config.
     "sd21v_ddim_scheduler": FolderSpec("sd21v", stock_scheduler("DDIMScheduler", "v_prediction")),
     # SDXL's Euler config (its "epsilon" is not PeRFlow's) and the SDXL releases' variant file names.
@@ -40,7 +40,7 @@ FOLDERS = {
 }
 # folder: (model sampling ComfyUI ends with, the settings the loader's PERFLOW gives on it, steps, network timesteps)
 EXPECTED = {
-    "sd15_perflow_scheduler": ("eps", dict(segments=5, prediction_type="diff_eps"), 5, [1000.0, 800.0, 600.0, 400.0, 200.0]),
+    "sd15_perflow_scheduler": ("eps", dict(segments=3, prediction_type="diff_eps"), 3, [1000.0, 666.0, 333.0]),
     "sd21v_ddim_scheduler": ("v", dict(segments=4, prediction_type="velocity"), 4, [1000.0, 750.0, 500.0, 250.0]),
     "sdxl_v0_fix": ("eps", dict(segments=4, prediction_type="ddim_eps"), 4, [1000.0, 750.0, 500.0, 250.0]),
 }

@@ -35,6 +35,21 @@ def test_comfy_convention_matches_the_scheduler_on_an_eps_model(prediction_type,
     assert ((ours - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("settings", [PerflowSettings(segments=3), PerflowSettings(segments=3, t_clean=0.05), PerflowSettings(t_clean=0.05)])
+def test_the_original_grids_whose_steps_end_on_truncated_boundaries_or_past_t_clean_are_sampled(settings):
+    # K = 3 steps 1000 -> 666 -> 333 (boundaries 666.67, 333.33) and the last step goes to 0 past t_clean, as the original does.
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, settings, 6)
+    ours = sample_perflow(model, noise * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, settings=settings, disable=True)
+    scheduler = PerflowScheduler(**settings.to_config())
+    scheduler.set_timesteps(6)
+    expected = noise.clone()
+    for t in scheduler.timesteps:
+        expected = scheduler.step(network(expected, float(t)), t, expected).prev_sample
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
 def test_the_network_sees_the_original_timesteps():
     model = ComfyLikeModel(DiscreteEps())
     sigmas = perflow_sigmas(model.space, PerflowSettings(), 8)
