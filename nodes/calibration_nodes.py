@@ -180,7 +180,7 @@ class PerflowSaveThetaNode(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "ckpt_name",
-                    options=[NO_CHECKPOINT] + CHECKPOINTS.options(),
+                    options=[NO_CHECKPOINT] + CHECKPOINTS.files(),
                     default=NO_CHECKPOINT,
                     tooltip="A checkpoint to copy with the settings added, or a standalone theta file.",
                 ),

@@ -26,6 +26,7 @@ class ModelFiles:
     """Files of one ComfyUI model folder kind (``checkpoints``, ``perflow_deltas``, ...)."""
 
     kind = "a file"
+    plural = "files"
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -34,12 +35,17 @@ class ModelFiles:
     def where(self) -> str:
         return f"models/{self.folder}"
 
-    def options(self) -> List[str]:
+    def files(self) -> List[str]:
         return folder_paths.get_filename_list(self.folder)
 
+    def options(self) -> List[str]:
+        """The combo's options: the files, or one entry that says where they go (the frontend draws an empty combo
+        as "undefined"); that entry is refused like any missing file."""
+        return self.files() or [f"(none yet: put {self.plural} in {self.where})"]
+
     def problem(self, value: Any) -> Optional[str]:
-        """Why ``value`` is not one of the options (None when it is), listing the options."""
-        options = self.options()
+        """Why ``value`` is not one of the files (None when it is), listing them."""
+        options = self.files()
         if isinstance(value, str) and value in options:
             return None
         shown = ", ".join(options[:SHOWN_OPTIONS]) + (", ..." if len(options) > SHOWN_OPTIONS else "") if options else f"none: put them in {self.where}"
@@ -65,11 +71,12 @@ class DiffusersFolders(ModelFiles):
     """Folders under models/diffusers that hold a model_index.json, as the stock DiffusersLoader lists them."""
 
     kind = "a folder with a model_index.json"
+    plural = "diffusers model folders"
 
     def __init__(self):
         super().__init__("diffusers")
 
-    def options(self) -> List[str]:
+    def files(self) -> List[str]:
         found = [name for root in folder_paths.get_folder_paths(self.folder) for name in model_folders(root)]
         return sorted(set(found))
 

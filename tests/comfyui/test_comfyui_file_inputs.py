@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from support.comfyui import PACK_NAME, comfy, model_folder, perflow_pack, requires_comfyui  # noqa: F401
+from support.comfyui import PACK_NAME, comfy, model_folder, only_model_folder, perflow_pack, requires_comfyui  # noqa: F401
 from support.server import CHECKPOINT_NAME, DELTA_NAME, DIFFUSERS_LISTED_NAME, THETA_NAME, comfy_server  # noqa: F401
 
 pytestmark = requires_comfyui
@@ -113,6 +113,17 @@ def test_a_present_file_passes_validation(registered, case):
     present = PRESENT_MODEL if case == "model_path" else PRESENT
     valid, error, _, node_errors = validate(prompt_naming(case, present, PRESENT, PRESENT))
     assert valid is True and node_errors == {}, (error, node_errors)
+
+
+@pytest.mark.parametrize("node_id, input_name, folder", [("PerflowApplyDelta", "delta_name", "perflow_deltas"), ("PerflowLoadTheta", "theta_name", "perflow_theta"), ("PerflowDiffusersLoader", "model_path", "diffusers")])
+def test_an_empty_folder_offers_one_entry_saying_where_files_go_and_it_is_refused(tmp_path, perflow_pack, node_id, input_name, folder):
+    node = {n.define_schema().node_id: n for n in importlib.import_module(PACK_NAME + ".nodes").NODES}[node_id]
+    with only_model_folder(folder, tmp_path / "empty"):
+        (combo,) = [item for item in node.define_schema().inputs if item.id == input_name]
+        (entry,) = combo.options
+        assert entry.startswith("(none yet: put ") and f"models/{folder}" in entry
+        problem = node.validate_inputs(**{input_name: entry})
+        assert isinstance(problem, str) and problem.startswith(f"{entry!r} is not ") and problem.endswith(f"available: none: put them in models/{folder}")
 
 
 # ------------------------------------------------------------------------------------------------ the server

@@ -458,6 +458,24 @@ def model_folder(folder_name: str, path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def only_model_folder(folder_name: str, path) -> Iterator[Path]:
+    """``path`` as the only folder of ComfyUI's model folder kind ``folder_name`` while the block runs."""
+    import folder_paths
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    paths = folder_paths.folder_names_and_paths[folder_name][0]
+    saved = list(paths)
+    paths[:] = [str(path)]
+    folder_paths.filename_list_cache.pop(folder_name, None)
+    try:
+        yield path
+    finally:
+        paths[:] = saved
+        folder_paths.filename_list_cache.pop(folder_name, None)
+
+
+@contextlib.contextmanager
 def output_directory(path) -> Iterator[Path]:
     """ComfyUI's output folder set to ``path`` while the block runs."""
     import folder_paths
