@@ -6,7 +6,10 @@ Imported anywhere else (pytest collects this folder as a package), there is noth
 
 from importlib.util import find_spec
 
+# The segment and theta editor drawn on PeRFlow Settings (plain ES modules, no build step).
+WEB_DIRECTORY = "./web"
+
 if find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
