@@ -7,9 +7,11 @@
 2. comfyui: when COMFYUI_PATH is set, or ../shared/comfyui exists beside the repository (then COMFYUI_PATH is
    set to it), pytest on tests/comfyui in ComfyUI's own venv, .venv-comfy/ (git-ignored). The first run makes
    it: ComfyUI's requirements less their torch lines, torch==2.14.1 torchvision==0.29.1 (a CPU pair whose
-   torchvision works; ComfyUI imports it), the pack's requirements and the test tools. Later runs reuse it
-   while those requirements are the same. The browser tests need a Chromium at /usr/bin/chromium. Then the lab
-   tests marked `comfyui` (the benchmark's ComfyUI samplers) run there too, with the repository on sys.path.
+   torchvision works; ComfyUI imports it), the pack's requirements and the test tools, and the newest frontend
+   (comfyui-frontend-package 1.58.1, into .venv-comfy/frontend-1.58.1/, served by a second test server with
+   --front-end-root). Later runs reuse it while those requirements are the same. The browser tests need a
+   Chromium at /usr/bin/chromium. Then the lab tests marked `comfyui` (the benchmark's ComfyUI samplers) run
+   there too, with the repository on sys.path.
 Under CI (CI=true) a skipped ComfyUI test, or a ComfyUI stage that cannot run, is a failure.
 """
 
@@ -29,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_VENV = ROOT / ".venv-comfy"
 COMFY_EXTRAS = ["torch==2.14.1", "torchvision==0.29.1", "pytest", "playwright", "requests", "diffusers", "transformers"]
+# The newest frontend the browser tests also run (tests/support/server.py NEWEST_FRONTEND_VERSION finds it here).
+NEWEST_FRONTEND = "comfyui-frontend-package==1.58.1"
+NEWEST_FRONTEND_FOLDER = COMFY_VENV / "frontend-1.58.1"
 CI = os.environ.get("CI", "").lower() == "true"
 REPORTS = Path(tempfile.mkdtemp(prefix="perflow-test-reports-"))
 
@@ -67,7 +72,7 @@ def make_comfy_venv(comfyui: Path) -> None:
         for line in (comfyui / "requirements.txt").read_text().splitlines()
         if re.split(r"[<>=!~;\[ ]", line.strip())[0] not in ("torch", "torchvision", "torchaudio")
     ]
-    wanted = "\n".join([sys.version, *comfy_requirements, (ROOT / "requirements.txt").read_text(), *COMFY_EXTRAS])
+    wanted = "\n".join([sys.version, *comfy_requirements, (ROOT / "requirements.txt").read_text(), *COMFY_EXTRAS, NEWEST_FRONTEND])
     stamp = COMFY_VENV / "complete.sha256"
     digest = hashlib.sha256(wanted.encode()).hexdigest()
     if (COMFY_VENV / "bin" / "python").is_file() and stamp.is_file() and stamp.read_text() == digest:
@@ -78,6 +83,7 @@ def make_comfy_venv(comfyui: Path) -> None:
     (COMFY_VENV / "comfyui-requirements.txt").write_text("\n".join(comfy_requirements) + "\n")
     pip = [str(COMFY_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     subprocess.check_call([*pip, "-r", str(COMFY_VENV / "comfyui-requirements.txt"), "-r", str(ROOT / "requirements.txt"), *COMFY_EXTRAS])
+    subprocess.check_call([*pip, "--no-deps", "--target", str(NEWEST_FRONTEND_FOLDER), NEWEST_FRONTEND])
     stamp.write_text(digest)
 
 

@@ -22,38 +22,23 @@ from support.server import (
     PERFLOW_NODE_IDS,
     REPO_ROOT,
     WORKFLOW_NAMES,
-    browser_unavailable_reason,
+    browser,  # noqa: F401  (module fixture)
     close_dialogs,
     comfy_server,  # noqa: F401  (session fixture)
     example_workflow,
-    launch_chromium,
     load_workflow,
     open_app,
     queue_and_wait_for_image,
+    requires_browser,
     requires_comfyui,
 )
 
-pytestmark = [
-    requires_comfyui,
-    pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason())),
-]
+pytestmark = [requires_comfyui, requires_browser]
 
 SEARCH_DISPLAY_NAMES = PERFLOW_DISPLAY_NAMES
 SCREENSHOT = ARTIFACTS / "comfyui_perflow.png"
 DOCS_SCREENSHOT = REPO_ROOT / "docs" / "comfyui_workflow.png"
 DOCS_MAX_BYTES = 500_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = launch_chromium(playwright)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture(scope="module")

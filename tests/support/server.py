@@ -7,6 +7,7 @@ Both get the same server (one per pytest session): `acquire_server()` starts it 
 
 Layout of the server's base directory (a fresh temporary folder):
     custom_nodes/comfyui-perflow -> this repository (symlink)
+    custom_nodes/unet_timestep_probe -> tests/support/unet_timestep_probe (records the UNet's timesteps; test only)
     models/checkpoints/perflow_tiny_sd15.safetensors   tiny SD1.5-architecture checkpoint with perflow.* keys
     models/perflow_deltas/perflow_tiny_delta.safetensors   small random delta, diffusers UNet key names
     models/perflow_theta/perflow_tiny_theta.safetensors   standalone theta file (an option for Load PeRFlow Theta)
@@ -14,6 +15,9 @@ Layout of the server's base directory (a fresh temporary folder):
     input/perflow_example_input.png   64x64 image for the img2img workflow
     user/default/comfy.settings.json   skips the frontend's first-visit template dialog
 The server log is copied to test-artifacts/comfyui_server.log (git-ignored) when the server stops.
+
+Frontends: the server serves the frontend ComfyUI pins (its venv's comfyui-frontend-package) unless started with
+`front_end_root`; `newest_frontend_root()` finds the newest frontend that tools/run_tests.py installs beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 EXAMPLE_WORKFLOWS = REPO_ROOT / "example_workflows"
 API_WORKFLOWS = REPO_ROOT / "tests" / "comfyui" / "workflows_api"
 PACK_NAME = "comfyui-perflow"
+PROBE = Path(__file__).resolve().parent / "unet_timestep_probe"
+# The newest comfyui-frontend-package the tests run; tools/run_tests.py installs it into .venv-comfy/frontend-<version>.
+NEWEST_FRONTEND_VERSION = "1.58.1"
 
 CHECKPOINT_NAME = "perflow_tiny_sd15.safetensors"
 DELTA_NAME = "perflow_tiny_delta.safetensors"
@@ -150,6 +157,14 @@ class ComfyServer:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def unet_timesteps(self) -> list[float]:
+        """The timestep of each UNet call since the last clear, as the network received it (the probe pack)."""
+        return self.get_json("/perflow_probe/unet_timesteps")["timesteps"]
+
+    def clear_unet_timesteps(self) -> None:
+        status, payload = self.request("/perflow_probe/unet_timesteps/clear", {})
+        assert status == 200, f"clearing the recorded UNet timesteps: HTTP {status}: {payload}"
+
     def get_json(self, path: str, timeout: float = 30) -> Any:
         status, payload = self.request(path, timeout=timeout)
         assert status == 200, f"GET {path}: HTTP {status}: {payload}"
@@ -211,7 +226,7 @@ class ComfyServer:
         self._log_file.close()
         ARTIFACTS.mkdir(exist_ok=True)
         try:
-            shutil.copyfile(self.log_path, ARTIFACTS / "comfyui_server.log")
+            shutil.copyfile(self.log_path, ARTIFACTS / self.log_path.name)
         except OSError:
             pass
 
@@ -270,6 +285,7 @@ def prepare_base_directory(base: Path) -> None:
     for folder in ("custom_nodes", "models/checkpoints", "models/perflow_deltas", THETA_FOLDER, "input", "output", "user/default"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / PROBE.name).symlink_to(PROBE, target_is_directory=True)
     # Skip the "Get started with a template" dialog of the first visit; no minimap over the screenshots.
     (base / "user/default/comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
     checkpoint = base / "models/checkpoints" / CHECKPOINT_NAME
@@ -293,9 +309,32 @@ def _kill_group(process: subprocess.Popen) -> None:
             pass
 
 
-def start_server(base: Path, extra_environment: Optional[dict] = None) -> ComfyServer:
+def newest_frontend_root() -> Optional[Path]:
+    """The static folder of the newest frontend (PERFLOW_NEWEST_FRONTEND_ROOT, else the one run_tests.py installs
+    beside ComfyUI's venv); None when it is not there."""
+    configured = os.environ.get("PERFLOW_NEWEST_FRONTEND_ROOT")
+    venv = Path(_python()).parent.parent
+    root = Path(configured) if configured else venv / f"frontend-{NEWEST_FRONTEND_VERSION}" / "comfyui_frontend_package" / "static"
+    return root if (root / "index.html").is_file() else None
+
+
+def separate_user_directory(base: Path, name: str) -> Path:
+    """A user directory of its own (settings such as the node mode a test switches), seeded with the base's settings."""
+    user = base / name
+    shutil.copytree(base / "user", user, dirs_exist_ok=True)
+    return user
+
+
+def start_server(
+    base: Path,
+    extra_environment: Optional[dict] = None,
+    front_end_root: Optional[Path] = None,
+    user_directory: Optional[Path] = None,
+    log_name: str = "comfyui_server.log",
+) -> ComfyServer:
+    """ComfyUI on `base` (a prepared base directory) on a free port; with `front_end_root`, serving that frontend."""
     port = _free_port()
-    log_path = base / "comfyui_server.log"
+    log_path = base / log_name
     log_file = open(log_path, "w")
     command = [
         _python(),
@@ -311,6 +350,10 @@ def start_server(base: Path, extra_environment: Optional[dict] = None) -> ComfyS
         "--database-url",
         "sqlite:///:memory:",
     ]
+    if front_end_root is not None:
+        command += ["--front-end-root", str(front_end_root)]
+    if user_directory is not None:
+        command += ["--user-directory", str(user_directory)]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(extra_environment or {}))
     process = subprocess.Popen(
         command, cwd=comfyui_root(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True
@@ -398,8 +441,24 @@ def browser_unavailable_reason() -> Optional[str]:
     return None
 
 
+requires_browser = pytest.mark.skipif(browser_unavailable_reason() is not None, reason=str(browser_unavailable_reason()))
+
+
 def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for one test module (Playwright, sync API)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = launch_chromium(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 def open_app(browser, url: str, viewport=(1600, 900)):
@@ -409,6 +468,16 @@ def open_app(browser, url: str, viewport=(1600, 900)):
     page.on("console", lambda message: log.append(f"{message.type}: {message.text}"))
     page.on("pageerror", lambda error: log.append(f"pageerror: {error}"))
     page.perflow_log = log
+    # Errors and warnings raised by this pack's own scripts (served under /extensions/<pack>/).
+    pack_errors: list[str] = []
+    page.on(
+        "console",
+        lambda message: message.type in ("error", "warning")
+        and f"/extensions/{PACK_NAME}/" in (message.location or {}).get("url", "")
+        and pack_errors.append(f"{message.type}: {message.text}"),
+    )
+    page.on("pageerror", lambda error: f"/extensions/{PACK_NAME}/" in (error.stack or "") and pack_errors.append(f"pageerror: {error}\n{error.stack}"))
+    page.perflow_pack_errors = pack_errors
     page.goto(url, wait_until="domcontentloaded", timeout=60_000)
     page.wait_for_function(APP_READY_JS, timeout=90_000)
     page.evaluate(MISSING_HOOK_JS)
