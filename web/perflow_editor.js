@@ -75,9 +75,13 @@ class SegmentEditor {
     this.drag = null;
     this.root = html("div", { className: "perflow-segment-editor" });
     Object.assign(this.root.style, { display: "flex", flexDirection: "column", gap: "3px", font: "11px sans-serif", color: "#ddd", width: "100%", height: "100%", boxSizing: "border-box" });
-    // The editor handles its own pointer input; the canvas (or the Vue node around it) must not see it, or it drags the node.
-    for (const type of ["pointerdown", "pointermove", "pointerup", "mousedown", "mousemove", "mouseup", "click", "dblclick", "contextmenu"]) {
+    // The editor handles its own presses and drags; the canvas (or the Vue node around it) must not see them, or it
+    // drags the node. Moves that are not the editor's own drag pass (e.g. a link or node dragged across it).
+    for (const type of ["pointerdown", "mousedown", "click", "dblclick", "contextmenu"]) {
       this.root.addEventListener(type, (event) => event.stopPropagation());
+    }
+    for (const type of ["pointermove", "pointerup", "mousemove", "mouseup"]) {
+      this.root.addEventListener(type, (event) => this.drag && event.stopPropagation());
     }
     this.plot = svg("svg", { height: PLOT_HEIGHT, "data-perflow": "plot" }, this.root);
     Object.assign(this.plot.style, { width: "100%", height: `${PLOT_HEIGHT}px`, flex: "none", background: "#1c1c1c", borderRadius: "4px", touchAction: "none", userSelect: "none" });
@@ -143,12 +147,13 @@ class SegmentEditor {
   }
 
   // writing the widgets --------------------------------------------------------------------------------
-  /** Write K, the boundaries (null: K equal windows) and theta (null: leave the text as it is). */
+  /** Write K, the boundaries (null: K equal windows; undefined: leave the text as typed) and theta (null: leave
+   * the text as typed). */
   write(k, values, rows) {
     this.writing = true;
     try {
       setWidgetValue(this.node, "segments", k);
-      setWidgetValue(this.node, "boundaries", values ? formatBoundaries(values) : "");
+      if (values !== undefined) setWidgetValue(this.node, "boundaries", values ? formatBoundaries(values) : "");
       if (rows) setWidgetValue(this.node, "theta", formatTheta(rows));
     } finally {
       this.writing = false;
@@ -208,6 +213,7 @@ class SegmentEditor {
 
   onPointerMove(event) {
     if (!this.drag) return;
+    this.lastPress = null; // a drag is no first click of a double-click
     const { state } = this.drag;
     if (this.drag.kind === "boundary") {
       const i = this.drag.index;
@@ -224,6 +230,7 @@ class SegmentEditor {
 
   onPointerUp(event) {
     if (!this.drag) return;
+    event.stopPropagation(); // the drag's end, like its moves, is the editor's
     this.plot.releasePointerCapture?.(event.pointerId);
     this.drag = null;
     recordUndoStep();
@@ -417,7 +424,7 @@ function onTyped(node, name) {
     const k = Number(widget(node, "segments").value);
     editor.write(k, null, keptTheta(k)); // a new K: K equal windows
   } else if (name === "boundaries" && state.values && state.warning) {
-    editor.write(state.k, state.values, keptTheta(state.k)); // typed boundaries set K
+    editor.write(state.k, undefined, keptTheta(state.k)); // typed boundaries set K (and stay as typed)
   } else {
     editor.render(true);
   }

@@ -20,10 +20,12 @@ import os
 import pytest
 
 from support.editor_page import (
+    click_timestep,
     EDITOR_WORKFLOW_STEPS,
     double_click_boundary,
     double_click_timestep,
     drag_boundary,
+    drag_theta_bar,
     editor_state,
     node_screenshot,
     open_editor_workflow,
@@ -162,9 +164,25 @@ def test_typing_theta_into_the_widget_redraws_the_bars(app_page):
 
 
 @pytest.mark.parametrize("app_page", WITH_EDITOR, indirect=True, ids=_id)
+def test_dragging_a_theta_bar_writes_the_widget(app_page):
+    page, node_id, _ = app_page
+    _restore(page, node_id)
+    drag_theta_bar(page, node_id, 2, 1, 11)  # up: a positive window-end scale for window 3
+    up = editor_state(page, node_id)
+    row = [float(v) for v in up["theta"].split(";")[2].split(",")]
+    assert row[0] == 0 and row[1] > 0 and row[2] == 0, up["theta"]
+    assert up["drawn"]["theta"][2][1] == row[1] and up["drawn"]["bars"]["2,1"]["value"] == row[1]
+    assert [r for i, r in enumerate(up["theta"].split(";")) if i != 2] == ["0, 0, 0", " 0, 0, 0", " 0, 0, 0"]
+    drag_theta_bar(page, node_id, 2, 1, -30)  # down, past zero
+    assert float(editor_state(page, node_id)["theta"].split(";")[2].split(",")[1]) < 0
+    _restore(page, node_id)
+
+
+@pytest.mark.parametrize("app_page", WITH_EDITOR, indirect=True, ids=_id)
 def test_theta_typed_into_the_editor_is_written_to_the_widget(app_page):
     page, node_id, _ = app_page
     _restore(page, node_id)
+    click_timestep(page, node_id, 900)  # window 1
     gain = page.locator(f'[data-perflow-node="{node_id}"] .perflow-theta-input[data-column="0"]')
     gain.fill("0.15")
     gain.press("Enter")
@@ -203,6 +221,21 @@ def test_a_new_segment_count_resets_the_boundaries_to_equal_windows(app_page):
     state = editor_state(page, node_id)
     assert (state["segments"], state["boundaries"], state["theta"]) == (3, "", "0.1, 0, 0; 0, 0, 0; 0, 0, 0")
     assert state["drawn"]["k"] == 3
+    _restore(page, node_id)
+
+
+@pytest.mark.parametrize("app_page", WITH_EDITOR, indirect=True, ids=_id)
+def test_typed_boundaries_of_another_count_set_the_segment_count(app_page):
+    page, node_id, _ = app_page
+    _restore(page, node_id, theta="0.1, 0, 0; 0, 0, 0; 0, 0, 0; 0.2, 0, 0")
+    page.evaluate(
+        """(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'boundaries');
+         w.value = '1000, 500, 0'; w.callback(w.value); }""",
+        node_id,
+    )
+    state = editor_state(page, node_id)
+    assert (state["segments"], state["boundaries"], state["theta"]) == (2, "1000, 500, 0", "0.1, 0, 0; 0, 0, 0")
+    assert state["drawn"]["boundaries"] == [1000, 500, 0]
     _restore(page, node_id)
 
 

@@ -97,6 +97,26 @@ def drag_boundary(page, node_id: int, index: int, to_timestep: float) -> None:
     page.wait_for_timeout(200)
 
 
+def drag_theta_bar(page, node_id: int, window: int, column: int, pixels_up: float) -> None:
+    """Press on theta bar (window, column) and move the mouse up (negative: down) by `pixels_up` screen pixels."""
+    bar = page.locator(f'[data-perflow-node="{node_id}"] [data-theta-window="{window}"][data-theta-column="{column}"]')
+    box = bar.bounding_box()
+    assert box, f"theta bar {window},{column} is not on the page"
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x, y - pixels_up, steps=6)
+    page.mouse.up()
+    page.wait_for_timeout(200)
+
+
+def click_timestep(page, node_id: int, timestep: float) -> None:
+    """A click inside the windows' band (picks the window there)."""
+    x, y = _client_point(page, node_id, timestep, 60)
+    page.mouse.click(x, y)
+    page.wait_for_timeout(500)  # no double-click with a next click
+
+
 def double_click_timestep(page, node_id: int, timestep: float) -> None:
     """A double-click inside the windows' band (splits the window there)."""
     x, y = _client_point(page, node_id, timestep, 60)
