@@ -70,6 +70,8 @@ class PerflowSettingsNode(io.ComfyNode):
                     "theta",
                     default="",
                     multiline=True,
+                    placeholder="theta: one row per segment, ';' between rows: gain, window-end scale, output change "
+                    "(e.g. 0.1, 0, 0; 0, 0, 0; 0, 0, 0; 0, 0, 0). Empty: 0, the original.",
                     tooltip="Optional per-segment correction: one row per segment separated by ';', up to 3 numbers each "
                     "(gain, window-end scale, model-output change), e.g. '0.1, 0, 0.2; 0, 0, 0; ...'. Empty: theta = 0 (the original).",
                 ),

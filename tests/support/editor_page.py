@@ -13,7 +13,8 @@ from .server import PROMPT_TIMEOUT_S, ComfyServer, example_workflow, load_workfl
 VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
 EDITOR_WORKFLOW = "perflow_ksampler_settings"  # PeRFlow Settings -> PeRFlow KSampler -> Save Image
 EDITOR_WORKFLOW_STEPS = 4
-NODE_SCREEN_POSITION = (160, 150)  # where the settings node is put, in canvas pixels at zoom 1
+NODE_SCREEN_POSITION = (140, 130)  # where the settings node is put, in canvas pixels at ZOOM
+ZOOM = 1.2  # not 1: the editor is under the canvas zoom's CSS transform, as users see it
 
 
 def set_node_mode(server: ComfyServer, vue: bool) -> None:
@@ -23,19 +24,19 @@ def set_node_mode(server: ComfyServer, vue: bool) -> None:
 
 
 def open_editor_workflow(page) -> int:
-    """Load the settings workflow and put the PeRFlow Settings node at a fixed place at zoom 1; returns its node id."""
+    """Load the settings workflow and put the PeRFlow Settings node at a fixed place at ZOOM; returns its node id."""
     result = load_workflow(page, example_workflow(EDITOR_WORKFLOW), EDITOR_WORKFLOW)
     assert result["missing"] == [], result
     node_id = page.evaluate(
-        """([x, y]) => {
+        """([x, y, zoom]) => {
       const node = app.graph._nodes.find(n => n.type === 'PerflowSettings');
-      app.canvas.ds.scale = 1;
-      app.canvas.ds.offset = [x - node.pos[0], y - node.pos[1]];
+      app.canvas.ds.scale = zoom;
+      app.canvas.ds.offset = [x / zoom - node.pos[0], y / zoom - node.pos[1]];
       app.canvas.setDirty(true, true);
       if (node.perflowEditor) node.perflowEditor.root.dataset.perflowNode = String(node.id);
       return node.id;
     }""",
-        list(NODE_SCREEN_POSITION),
+        [*NODE_SCREEN_POSITION, ZOOM],
     )
     page.wait_for_timeout(800)  # let the canvas (or the Vue nodes) follow the new view
     return node_id
