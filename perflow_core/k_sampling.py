@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import trange
@@ -74,15 +74,27 @@ class ModelSpace:
 
     def timestep_of(self, sigma: float) -> float:
         """PeRFlow's model timestep for a ComfyUI sigma (training timestep ``j + 1`` for ``sigmas[j]``)."""
-        if sigma <= 0:
-            return 0.0
+        return self.timesteps_of([sigma])[0]
+
+    def timesteps_of(self, sigmas: Sequence[float]) -> List[float]:
+        """`timestep_of` for every sigma of a schedule, in one search over the training sigmas."""
         if self.kind == "flow":
-            return sigma * self.num_train_timesteps
-        distances = (self.sigmas.log() - math.log(sigma)).abs()
-        index = int(distances.argmin())
-        if abs(float(self.sigmas[index]) / sigma - 1) > _SNAP_TOLERANCE:
-            logger.warning("PeRFlow: sigma %.5g is not a training sigma; using timestep %d (sigma %.5g)", sigma, index + 1, float(self.sigmas[index]))
-        return float(index + 1)
+            return [sigma * self.num_train_timesteps if sigma > 0 else 0.0 for sigma in sigmas]
+        positive = [sigma for sigma in sigmas if sigma > 0]
+        found = iter(self._training_timesteps(positive))
+        return [float(next(found)) if sigma > 0 else 0.0 for sigma in sigmas]
+
+    def _training_timesteps(self, sigmas: List[float]) -> List[int]:
+        """The training timestep (``j + 1``) whose sigma is nearest in log to each sigma; a far one is snapped, with a warning."""
+        if not sigmas:
+            return []
+        targets = torch.tensor([math.log(sigma) for sigma in sigmas], dtype=torch.float64)
+        nearest = (self.sigmas.log()[None, :] - targets[:, None]).abs().argmin(dim=1)
+        indices = nearest.tolist()
+        for sigma, index, training_sigma in zip(sigmas, indices, self.sigmas[nearest].tolist()):
+            if abs(training_sigma / sigma - 1) > _SNAP_TOLERANCE:
+                logger.warning("PeRFlow: sigma %.5g is not a training sigma; using timestep %d (sigma %.5g)", sigma, index + 1, training_sigma)
+        return [index + 1 for index in indices]
 
     def sigma_of(self, timestep: float) -> float:
         if timestep <= 0:
@@ -125,7 +137,7 @@ def model_sampling_of(model: Any) -> Any:
 
 def sampling_timesteps(space: ModelSpace, sigmas: torch.Tensor) -> List[float]:
     """PeRFlow timesteps for a sigma schedule; they must strictly decrease."""
-    timesteps = [space.timestep_of(float(s)) for s in sigmas]
+    timesteps = space.timesteps_of(sigmas.tolist())
     if any(later >= earlier for earlier, later in zip(timesteps, timesteps[1:])):
         raise ValueError(f"sigmas must map to strictly decreasing timesteps; these give {timesteps}")
     return timesteps
