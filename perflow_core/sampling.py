@@ -8,11 +8,11 @@ coefficients (`solver.StepCoefficients`, theta folded in) are computed once per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .segments import SegmentStep
+from .segments import Segments, SegmentStep
 from .settings import PerflowSettings
 from .solver import StepCoefficients, StepResult, apply_step, finite_sum, nonfinite_output_error, warn_fallback
 from .theta import theta_rows_like
@@ -48,7 +48,8 @@ class SamplingPlan:
         """A plan through given timesteps, ending at ``end`` (0: the clean sample)."""
         segments = settings.build_segments()
         ends = list(timesteps[1:]) + [end]
-        steps = tuple(segments.step_at(float(t), float(t_next), alphas_cumprod) for t, t_next in zip(timesteps, ends))
+        levels = _noise_levels(segments, timesteps, alphas_cumprod)
+        steps = tuple(segments.step_at(float(t), float(t_next), levels) for t, t_next in zip(timesteps, ends))
         return cls(settings, tuple(float(t) for t in timesteps), steps, alphas_cumprod)
 
     def __len__(self) -> int:
@@ -60,10 +61,21 @@ class SamplingPlan:
         learns."""
         rows = theta_rows_like(self.settings.theta if theta is None else theta, like)
         kind = self.settings.prediction_type
-        return [(StepCoefficients.of(kind, step, rows[step.index], False), StepCoefficients.of(kind, step, rows[step.index], True)) for step in self.steps]
+
+        def pair(step: SegmentStep, row: Optional[Sequence[float]]) -> Tuple[StepCoefficients, StepCoefficients]:
+            first = StepCoefficients.of(kind, step, row, False)
+            return (first, first) if row is None else (first, StepCoefficients.of(kind, step, row, True))
+
+        return [pair(step, rows[step.index]) for step in self.steps]
 
     def steps_in_segment(self, segment: int) -> List[int]:
         return [i for i, step in enumerate(self.steps) if step.index == segment]
+
+
+def _noise_levels(segments: Segments, timesteps: Sequence[float], alphas_cumprod: torch.Tensor) -> Dict[int, float]:
+    """The entries of ``alphas_cumprod`` that the steps' segments start and end at, read in one indexing."""
+    indices = sorted({i for k in {segments.index_of(float(t)) for t in timesteps} for i in segments.alpha_indices(k)})
+    return dict(zip(indices, alphas_cumprod[indices].tolist()))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -41,7 +41,7 @@ class StepCoefficients:
     corrected: bool  # theta changes this step
 
     @classmethod
-    def of(cls, prediction_type: str, step: SegmentStep, theta_row: Optional[torch.Tensor] = None, has_previous: bool = False) -> "StepCoefficients":
+    def of(cls, prediction_type: str, step: SegmentStep, theta_row: Optional[Union[Sequence[float], torch.Tensor]] = None, has_previous: bool = False) -> "StepCoefficients":
         remaining = time_to_window_end(step)
         if prediction_type == "velocity":
             ez, eo = 1.0, remaining
@@ -51,7 +51,7 @@ class StepCoefficients:
         dt = step.t_next - step.t
         a, b, c = 1.0 + dt * vz, dt * vo, 0.0
         corrected = theta_row is not None
-        if corrected and not theta_row.requires_grad:
+        if isinstance(theta_row, torch.Tensor) and not theta_row.requires_grad:
             theta_row = theta_row.tolist()  # plain numbers: the step then needs no tensor arithmetic on theta
         if corrected:
             # x_next = z + dt v + theta_0 dt v + theta_1 (dt / remaining) z_e + theta_2 dt (v(o) - v(o_prev))

@@ -17,7 +17,7 @@ step's sample and coefficients (the term is 0 at the first step).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,13 +55,13 @@ def as_theta(value: Any, num_segments: int, name: str = "theta") -> torch.Tensor
     return torch.cat([theta, padding], dim=1)
 
 
-def theta_rows_like(theta: torch.Tensor, like: torch.Tensor) -> List[Optional[torch.Tensor]]:
-    """theta's rows for one sampling run, None where a row is zero (the original step). A fixed theta stays float64 on
-    the CPU (folded into each step's scalar coefficients before the loop); a theta that learns goes to ``like``'s
-    device and dtype, keeping its graph."""
+def theta_rows_like(theta: torch.Tensor, like: torch.Tensor) -> List[Optional[Union[List[float], torch.Tensor]]]:
+    """theta's rows for one sampling run, None where a row is zero (the original step). A fixed theta's rows are its
+    float64 values as Python numbers (folded into each step's scalar coefficients before the loop); a theta that
+    learns goes to ``like``'s device and dtype, keeping its graph."""
     if theta.requires_grad:
         return [row.to(like) for row in theta]
-    return [row if bool(row.any()) else None for row in theta.detach().cpu()]
+    return [row if any(row) else None for row in theta.detach().cpu().tolist()]
 
 
 def theta_to_list(theta: torch.Tensor) -> list[list[float]]:
