@@ -111,13 +111,16 @@ class ModelSpace:
 
     def call(self, model: Callable[..., torch.Tensor], z: torch.Tensor, timestep: float, extra_args: Dict[str, Any]):
         """ComfyUI's wrapped ``model`` at PeRFlow's ``(z, timestep)``: ``(denoised, raw network output)``."""
-        return self.call_at_sigma(model, z, self.sigma_of(timestep), extra_args)
+        sigma = self.sigma_of(timestep)
+        _, denoised, output = self.call_at(model, z, sigma, z.new_full((z.shape[0],), sigma), extra_args)
+        return denoised, output
 
-    def call_at_sigma(self, model: Callable[..., torch.Tensor], z: torch.Tensor, sigma: float, extra_args: Dict[str, Any]):
-        """`call` with the step's sigma already looked up (a sampling loop does that once per run)."""
+    def call_at(self, model: Callable[..., torch.Tensor], z: torch.Tensor, sigma: float, sigma_batch: torch.Tensor, extra_args: Dict[str, Any]):
+        """`call` at the step's ``sigma``, looked up before the loop with ``sigma_batch`` (it once per sample):
+        ``(x, denoised, raw network output)``."""
         x = self.from_path(z, sigma)
-        denoised = model(x, x.new_full((x.shape[0],), sigma), **extra_args)
-        return denoised, self.raw_output(x, sigma, denoised)
+        denoised = model(x, sigma_batch, **extra_args)
+        return x, denoised, self.raw_output(x, sigma, denoised)
 
     def raw_output(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
         """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
@@ -179,8 +182,9 @@ def sample_perflow(
         sigmas: the schedule, e.g. from the PeRFlow scheduler node; each sigma is read as the training
             timestep it belongs to.
         extra_args: passed through to the model unchanged.
-        callback: called every step with ``x``, ``i``, ``sigma``, ``sigma_hat`` and ``denoised`` (an x0
-            estimate) for the progress bar, previews and Cancel.
+        callback: called every step with ``x`` (the sample the model saw at ``sigma``, as k-diffusion's samplers
+            pass it), ``i``, ``sigma``, ``sigma_hat`` and ``denoised`` (an x0 estimate) for the progress bar,
+            previews and Cancel.
         disable: silences the console progress bar.
         settings: segments, theta and parameterisation (defaults: the original PeRFlow).
         space: the model's sampling space; read from the model when not given.
@@ -196,17 +200,17 @@ def sample_perflow(
     check_steps_stay_in_their_segments(plan)
     z = start_on_path(model, x, space, settings, plan.steps[0])
     sigma_at = {t: space.sigma_of(t) for t in timesteps}  # looked up once per run, not per model call
-    denoised = {}
+    sigma_batch = {t: x.new_full((x.shape[0],), sigma_at[t]) for t in timesteps[:-1]}
+    last = {}  # the latest model call's input and denoised x0, for the callback
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        denoised["last"], output = space.call_at_sigma(model, z, sigma_at[timestep], extra_args)
+        last["x"], last["denoised"], output = space.call_at(model, z, sigma_at[timestep], sigma_batch[timestep], extra_args)
         return output
 
     def report(record: StepRecord) -> None:
         i = record.index
-        preview = denoised["last"] if space.kind == "flow" else record.result.pred_original_sample
-        x_next = space.from_path(record.result.prev_sample, sigma_at[timesteps[i + 1]])
-        callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
+        preview = last["denoised"] if space.kind == "flow" else record.result.pred_original_sample
+        callback({"x": last["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
 
     z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
     return space.from_path(z, sigma_at[timesteps[-1]])

@@ -88,6 +88,20 @@ def test_callback_gets_every_step_with_a_denoised_estimate():
     assert all(c["denoised"].shape == (1, 4, 8, 8) and torch.isfinite(c["denoised"]).all() for c in calls)
 
 
+def test_the_callback_gets_the_sample_the_model_saw_at_that_step():
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, PerflowSettings(), 4)
+    inputs, calls = [], []
+
+    def recording_model(x, sigma, **extra_args):
+        inputs.append(x)
+        return model(x, sigma, **extra_args)
+
+    sample_perflow(recording_model, torch.randn(1, 4, 8, 8) * float(sigmas[0]), sigmas, callback=calls.append, disable=True, space=model.space)
+    assert len(calls) == len(inputs) == 4
+    assert all(call["x"] is seen and call["sigma"] == sigma for call, seen, sigma in zip(calls, inputs, sigmas))
+
+
 def test_denoise_below_one_keeps_the_end_of_a_finer_grid():
     space = ModelSpace.of(DiscreteEps())
     sigmas = perflow_sigmas(space, PerflowSettings(), 4, denoise=0.5)
