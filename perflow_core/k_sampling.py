@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -71,6 +72,10 @@ class ModelSpace:
             t = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64) / self.num_train_timesteps
             return (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
         return 1 / (1 + self.sigmas**2)
+
+    def fingerprint(self) -> Optional[bytes]:
+        """The training sigmas' bytes: equal exactly when two spaces place every sigma alike (None for flow)."""
+        return None if self.sigmas is None else self.sigmas.numpy().tobytes()
 
     def timestep_of(self, sigma: float) -> float:
         """PeRFlow's model timestep for a ComfyUI sigma (training timestep ``j + 1`` for ``sigmas[j]``)."""
@@ -192,15 +197,12 @@ def sample_perflow(
     extra_args = {} if extra_args is None else extra_args
     settings = settings or PerflowSettings()
     space = space or ModelSpace.of(model_sampling_of(model))
-    check_num_train_timesteps(settings, space)
-    timesteps = sampling_timesteps(space, sigmas)
-    if len(timesteps) < 2:
+    schedule = RunSchedule.of(space, settings, sigmas)
+    if schedule is None:
         return x
-    plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
-    check_steps_stay_in_their_segments(plan)
+    plan, timesteps, sigma_at = schedule.plan, schedule.plan.timesteps, schedule.sigma_at
     z = start_on_path(model, x, space, settings, plan.steps[0])
-    sigma_at = {t: space.sigma_of(t) for t in timesteps}  # looked up once per run, not per model call
-    sigma_batch = {t: x.new_full((x.shape[0],), sigma_at[t]) for t in timesteps[:-1]}
+    sigma_batch = {t: x.new_full((x.shape[0],), sigma_at[t]) for t in timesteps}
     last = {}  # the latest model call's input and denoised x0, for the callback
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
@@ -213,7 +215,43 @@ def sample_perflow(
         callback({"x": last["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
 
     z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
-    return space.from_path(z, sigma_at[timesteps[-1]])
+    return space.from_path(z, sigma_at[schedule.end])
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """A sigma schedule read as PeRFlow's steps: the plan (its coefficients computed at the first run), the end
+    timestep and every timestep's training sigma."""
+
+    plan: SamplingPlan
+    end: float
+    sigma_at: Dict[float, float]
+
+    @classmethod
+    def of(cls, space: ModelSpace, settings: PerflowSettings, sigmas: torch.Tensor) -> Optional["RunSchedule"]:
+        """The checked schedule (None: nothing to sample), kept for the next runs with the same model sigmas, settings
+        and schedule (a queue of seeds or prompts), which then skip the search and the coefficients."""
+        key = (space.kind, space.fingerprint(), settings, tuple(sigmas.tolist()))
+        if key not in _SCHEDULES:
+            _SCHEDULES[key] = cls._build(space, settings, sigmas)
+            while len(_SCHEDULES) > _KEPT_SCHEDULES:
+                _SCHEDULES.popitem(last=False)
+        _SCHEDULES.move_to_end(key)
+        return _SCHEDULES[key]
+
+    @classmethod
+    def _build(cls, space: ModelSpace, settings: PerflowSettings, sigmas: torch.Tensor) -> Optional["RunSchedule"]:
+        check_num_train_timesteps(settings, space)
+        timesteps = sampling_timesteps(space, sigmas)
+        if len(timesteps) < 2:
+            return None
+        plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
+        check_steps_stay_in_their_segments(plan)
+        return cls(plan, timesteps[-1], {t: space.sigma_of(t) for t in timesteps})
+
+
+_KEPT_SCHEDULES = 8
+_SCHEDULES: "OrderedDict[tuple, Optional[RunSchedule]]" = OrderedDict()
 
 
 def check_steps_stay_in_their_segments(plan: SamplingPlan, name: str = "sigmas") -> None:

@@ -8,6 +8,7 @@ coefficients (`solver.StepCoefficients`, theta folded in) are computed once per 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -59,7 +60,16 @@ class SamplingPlan:
         """Every step's coefficients for a run with ``theta`` (default: the settings'), computed once before the loop:
         per step, the pair (as a run's first step, after a previous step). ``like`` gives the device for a theta that
         learns."""
-        rows = theta_rows_like(self.settings.theta if theta is None else theta, like)
+        if theta is None:
+            return self._settings_coefficients
+        return self._coefficients(theta_rows_like(theta, like))
+
+    @cached_property
+    def _settings_coefficients(self) -> List[Tuple[StepCoefficients, StepCoefficients]]:
+        """The coefficients with the settings' theta (fixed numbers): computed at a plan's first run, then reused."""
+        return self._coefficients(theta_rows_like(self.settings.theta, self.alphas_cumprod))
+
+    def _coefficients(self, rows: Sequence[Optional[Sequence[float]]]) -> List[Tuple[StepCoefficients, StepCoefficients]]:
         kind = self.settings.prediction_type
 
         def pair(step: SegmentStep, row: Optional[Sequence[float]]) -> Tuple[StepCoefficients, StepCoefficients]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perflow_core import PerflowScheduler
-from perflow_core.k_sampling import ModelSpace, perflow_sigmas, sample_perflow
+from perflow_core.k_sampling import ModelSpace, RunSchedule, perflow_sigmas, sample_perflow
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.settings import PerflowSettings
 from support.comfy_like import ComfyLikeModel, DiscreteEps, DiscreteV, Flow, ModelSamplingContinuousEDM, network
@@ -100,6 +100,27 @@ def test_the_callback_gets_the_sample_the_model_saw_at_that_step():
     sample_perflow(recording_model, torch.randn(1, 4, 8, 8) * float(sigmas[0]), sigmas, callback=calls.append, disable=True, space=model.space)
     assert len(calls) == len(inputs) == 4
     assert all(call["x"] is seen and call["sigma"] == sigma for call, seen, sigma in zip(calls, inputs, sigmas))
+
+
+def test_a_schedule_is_read_once_per_model_sigmas_settings_and_sigma_schedule(monkeypatch):
+    builds = []
+    build = RunSchedule._build.__func__
+    monkeypatch.setattr(RunSchedule, "_build", classmethod(lambda cls, *args: builds.append(args) or build(cls, *args)))
+    model = ComfyLikeModel(DiscreteEps())
+    settings = PerflowSettings(theta=[[0.125, 0.0, 0.0]] * 4)
+    sigmas = perflow_sigmas(model.space, settings, 6)
+    other_model = ModelSpace("eps", model.space.sigmas.clone().index_fill_(0, torch.tensor([3]), 0.1), 1000)
+
+    def builds_for(settings=settings, space=model.space, sigmas=sigmas):
+        before = len(builds)
+        sample_perflow(model, torch.ones(1, 4, 4, 4) * float(sigmas[0]), sigmas, disable=True, settings=settings, space=space)
+        return len(builds) - before
+
+    builds_for()
+    assert builds_for() == 0  # the same run again
+    assert builds_for(settings=settings.replace(theta=[[0.25, 0.0, 0.0]] * 4)) == 1
+    assert builds_for(space=other_model) == 1
+    assert builds_for(sigmas=perflow_sigmas(model.space, settings, 8)) == 1
 
 
 def test_denoise_below_one_keeps_the_end_of_a_finer_grid():
