@@ -140,9 +140,9 @@ def run_plan(
 
 
 class LoopChecks:
-    """Per-step checks kept on the device while a loop runs, read once after it. A model output's float64 sum is
-    finite exactly when the output is (NaN and Inf propagate; finite float32 values cannot overflow it), and costs
-    one reduction where ``isfinite(...).all()`` costs a full boolean tensor."""
+    """Per-step checks kept on the device while a loop runs, read once after it. `finite_sum` of a model output is
+    finite exactly when the output is, and costs a multiplication and a reduction where ``isfinite(...).all()`` costs
+    a full boolean tensor."""
 
     def __init__(self) -> None:
         self.finite: List[Tuple[int, torch.Tensor]] = []

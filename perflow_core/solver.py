@@ -157,9 +157,13 @@ def theta_features(
     return [dt * velocity, share_of_segment * window_end, output_change]
 
 
+_ZERO = torch.zeros(())  # a CPU scalar: multiplies a tensor on any device, of any floating dtype, without a copy
+
+
 def finite_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """A 0-d float64 tensor that is finite exactly when ``tensor`` is (one reduction, no host sync)."""
-    return tensor.sum(dtype=torch.float64)
+    """A 0-d tensor that is finite exactly when ``tensor`` is (no host sync): the sum of ``0 * tensor``, whose entries
+    are 0 where finite and NaN at NaN or Inf, so no sum of finite values can overflow it."""
+    return torch.mul(tensor, _ZERO).sum()
 
 
 def apply_step(
