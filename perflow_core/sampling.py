@@ -7,6 +7,7 @@ coefficients (`solver.StepCoefficients`, theta folded in) are computed once per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -165,12 +166,11 @@ class LoopChecks:
 
     def raise_or_warn(self, plan: SamplingPlan) -> None:
         if self.finite:
-            finite = torch.isfinite(torch.stack([total for _, total in self.finite])).cpu()
-            if not bool(finite.all()):
-                first = self.finite[int((~finite).nonzero()[0])][0]
+            totals = torch.stack([total for _, total in self.finite]).detach()
+            if not math.isfinite(totals.sum()):  # one read: the sum is NaN or Inf when any step's is
+                first = self.finite[int((~torch.isfinite(totals)).nonzero()[0])][0]
                 raise nonfinite_output_error(first, plan.timesteps[first])
         if self.fallbacks:
-            fell_back = torch.stack([flag for _, flag in self.fallbacks]).cpu()
-            places = [(i, plan.timesteps[i], plan.steps[i].index) for (i, _), flag in zip(self.fallbacks, fell_back) if flag]
-            if places:
-                warn_fallback(places)
+            flags = torch.stack([flag for _, flag in self.fallbacks])
+            if bool(flags.any()):
+                warn_fallback([(i, plan.timesteps[i], plan.steps[i].index) for (i, _), flag in zip(self.fallbacks, flags.tolist()) if flag])
