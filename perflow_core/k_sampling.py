@@ -14,7 +14,8 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import trange
@@ -116,23 +117,55 @@ class ModelSpace:
 
     def call(self, model: Callable[..., torch.Tensor], z: torch.Tensor, timestep: float, extra_args: Dict[str, Any]):
         """ComfyUI's wrapped ``model`` at PeRFlow's ``(z, timestep)``: ``(denoised, raw network output)``."""
-        sigma = self.sigma_of(timestep)
-        _, denoised, output = self.call_at(model, z, sigma, z.new_full((z.shape[0],), sigma), extra_args)
-        return denoised, output
+        return self.call_at(model, z, self.prepare_call(self.sigma_of(timestep), z), extra_args)[1:]
 
-    def call_at(self, model: Callable[..., torch.Tensor], z: torch.Tensor, sigma: float, sigma_batch: torch.Tensor, extra_args: Dict[str, Any]):
-        """`call` at the step's ``sigma``, looked up before the loop with ``sigma_batch`` (it once per sample):
-        ``(x, denoised, raw network output)``."""
-        x = self.from_path(z, sigma)
-        denoised = model(x, sigma_batch, **extra_args)
-        return x, denoised, self.raw_output(x, sigma, denoised)
+    def prepare_call(self, sigma: float, like: torch.Tensor) -> "SigmaCall":
+        """A model call at ``sigma`` for samples like ``like``, prepared before a loop (see `SigmaCall`)."""
+        if self.kind == "v":
+            weight = math.sqrt(sigma**2 + 1) / sigma
+            factor = weight / (sigma**2 + 1)
+        else:
+            weight, factor = 1.0, sigma
+        batch = like.new_full((like.shape[0],), sigma)
+        return SigmaCall(sigma, batch, _scalar_for(math.sqrt(1 + sigma**2), like), _scalar_for(factor, like), weight)
 
-    def raw_output(self, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    def call_at(self, model: Callable[..., torch.Tensor], z: torch.Tensor, call: "SigmaCall", extra_args: Dict[str, Any]):
+        """`call` with the call prepared: ``(x, denoised, raw network output)``."""
+        x = z if self.kind == "flow" else z * call.rescale
+        denoised = model(x, call.batch, **extra_args)
+        return x, denoised, self.raw_output(x, call, denoised)
+
+    def raw_output(self, x: torch.Tensor, call: "SigmaCall", denoised: torch.Tensor) -> torch.Tensor:
         """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
         if self.kind == "v":
-            scale = math.sqrt(sigma**2 + 1) / sigma
-            return torch.add(x * (scale / (sigma**2 + 1)), denoised, alpha=-scale)
-        return torch.sub(x, denoised).div_(sigma)
+            return torch.add(x * call.factor, denoised, alpha=-call.weight)
+        return torch.sub(x, denoised).div_(call.factor)
+
+
+class SigmaCall(NamedTuple):
+    """One model call's sigma: the ``[B]`` tensor the model takes, ``rescale`` (``x = z * rescale``, not for flow)
+    and ``factor`` and ``weight`` of the raw output (``(x - denoised) / factor``; for V-prediction
+    ``x * factor - weight * denoised``)."""
+
+    sigma: float
+    batch: torch.Tensor
+    rescale: Union[float, torch.Tensor]
+    factor: Union[float, torch.Tensor]
+    weight: float
+
+
+def _scalar_for(value: float, like: torch.Tensor) -> Union[float, torch.Tensor]:
+    """``value`` as a factor of ``like``: a 0-d float32 CPU tensor for a float32 ``like`` (on any device; the same
+    bits as the Python number, which PyTorch would convert to a tensor at every operation), else the number."""
+    return _float32_scalar(value) if like.dtype == torch.float32 else value
+
+
+@lru_cache(maxsize=1024)
+def _float32_scalar(value: float) -> torch.Tensor:
+    """One shared read-only tensor per value: a schedule's factors are made once, not at every run (as a normal
+    tensor even when first made inside ComfyUI's inference mode, so a later run with gradients may use it)."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=torch.float32)
 
 
 def model_sampling_of(model: Any) -> Any:
@@ -202,11 +235,11 @@ def sample_perflow(
         return x
     plan, timesteps, sigma_at = schedule.plan, schedule.plan.timesteps, schedule.sigma_at
     z = start_on_path(model, x, space, settings, plan.steps[0])
-    sigma_batch = {t: x.new_full((x.shape[0],), sigma_at[t]) for t in timesteps}
+    calls = {t: space.prepare_call(sigma_at[t], x) for t in timesteps}
     last = {}  # the latest model call's input and denoised x0, for the callback
 
     def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        last["x"], last["denoised"], output = space.call_at(model, z, sigma_at[timestep], sigma_batch[timestep], extra_args)
+        last["x"], last["denoised"], output = space.call_at(model, z, calls[timestep], extra_args)
         return output
 
     def report(record: StepRecord) -> None:
