@@ -1,6 +1,8 @@
 """The real ComfyUI frontend in headless Chromium (Playwright, sync API) against the test server of
-tests/support/server.py: node search finds the PeRFlow nodes, every example workflow loads without missing
-nodes, and queueing the txt2img example shows the generated image.
+tests/support/server.py: node search finds the PeRFlow nodes; opening an example workflow, whose release files
+the server does not have, names them in the frontend's missing-models dialog with their downloads (single files)
+or shows the release folder and how to get it (diffusers folders), with no error from the page; every tiny twin
+loads without missing nodes, and queueing the txt2img twin shows the generated image.
 
 Needs COMFYUI_PATH, the playwright python package and a Chromium (default /usr/bin/chromium, or
 PERFLOW_CHROMIUM); skipped otherwise. Playwright is not a dependency of the pack.
@@ -21,17 +23,24 @@ from support.server import (
     PERFLOW_DISPLAY_NAMES,
     PERFLOW_NODE_IDS,
     REPO_ROOT,
+    EXAMPLE_NAMES,
+    HUGGING_FACE_ROUTE,
+    MISSING_MODELS_JS,
     WORKFLOW_NAMES,
     browser,  # noqa: F401  (module fixture)
     close_dialogs,
     comfy_server,  # noqa: F401  (session fixture)
     example_workflow,
+    expected_console_error,
     load_workflow,
     open_app,
+    probe_recorder,
     queue_and_wait_for_image,
     requires_browser,
     requires_comfyui,
+    tiny_workflow,
 )
+from support.models import EXAMPLE_MODELS
 
 pytestmark = [requires_comfyui, requires_browser]
 
@@ -86,18 +95,67 @@ def test_node_search_lists_the_perflow_nodes(page):
 
 def test_templates_of_the_pack_reach_the_frontend(page):
     templates = page.evaluate("async () => await app.api.getWorkflowTemplates()")
-    assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOW_NAMES)
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(EXAMPLE_NAMES)
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_example_workflow_loads_without_missing_nodes(page, name):
-    result = load_workflow(page, example_workflow(name), name)
+def test_tiny_twin_loads_without_missing_nodes_or_models(page, name):
+    result = load_workflow(page, tiny_workflow(name), name)
     assert result["missing"] == [], f"the frontend reports missing node types: {result['missing']}"
     assert result["unregistered"] == []
     assert not [text for text in result["dialogs"] if "missing" in text.lower() or "invalid" in text.lower()], result["dialogs"]
     assert any(node_type.startswith("Perflow") for node_type in result["types"])
-    assert len(result["types"]) == len(example_workflow(name)["nodes"])
+    assert len(result["types"]) == len(tiny_workflow(name)["nodes"])
     close_dialogs(page)
+
+
+@pytest.fixture()
+def probes(page):
+    """The Hugging Face URLs the page asks for (the dialog's file-size probes), each aborted: no network in tests."""
+    urls = probe_recorder(page)
+    yield urls
+    page.unroute(HUGGING_FACE_ROUTE)
+    close_dialogs(page)
+
+
+def _open_example(page, name: str) -> tuple[dict, dict, list[str]]:
+    """Loads the example as the template browser does; returns load_workflow's report, the missing-models dialog
+    (its rows, error messages and enabled Download buttons) and the console errors it caused."""
+    already = len(page.perflow_log)
+    result = load_workflow(page, example_workflow(name), name)
+    page.wait_for_timeout(1000)  # the dialog's size probes
+    dialog = page.evaluate(MISSING_MODELS_JS)
+    errors = [line for line in page.perflow_log[already:] if line.startswith(("error", "pageerror"))]
+    return result, dialog, errors
+
+
+@pytest.mark.parametrize("name", [name for name in EXAMPLE_NAMES if isinstance(EXAMPLE_MODELS[name], tuple)])
+def test_opening_a_single_file_example_without_its_files_offers_their_downloads(page, probes, name):
+    result, dialog, errors = _open_example(page, name)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"missing_models_{name}.png"))
+    assert result["missing"] == [], f"the frontend reports missing node types: {result['missing']}"
+    files = EXAMPLE_MODELS[name]
+    assert dialog["open"], "no missing-models dialog"
+    assert sorted(dialog["rows"]) == sorted(f"{file.directory} / {file.name}" for file in files), dialog
+    assert dialog["errors"] == [] and dialog["downloads"] == len(files), dialog
+    assert sorted(set(probes)) == sorted(file.url for file in files)
+    assert [line for line in errors if not expected_console_error(line)] == []
+
+
+@pytest.mark.parametrize("name", [name for name in EXAMPLE_NAMES if not isinstance(EXAMPLE_MODELS[name], tuple)])
+def test_opening_a_folder_example_without_its_folder_shows_the_folder_and_how_to_get_it(page, probes, name):
+    release = EXAMPLE_MODELS[name]
+    result, dialog, errors = _open_example(page, name)
+    assert result["missing"] == [], f"the frontend reports missing node types: {result['missing']}"
+    assert not dialog["open"], f"a dialog the user cannot act on: {dialog}"
+    shown = page.evaluate(
+        """() => ({loader: app.graph._nodes.filter(n => n.type === 'PerflowDiffusersLoader').map(n => n.widgets[0].value),
+                   text: document.body.innerText})"""
+    )
+    assert shown["loader"] == [release.folder]
+    assert f"huggingface-cli download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}" in shown["text"]
+    assert probes == [] and errors == []
 
 
 def _write_docs_screenshot(png: bytes) -> None:
@@ -112,7 +170,7 @@ def _write_docs_screenshot(png: bytes) -> None:
 
 
 def test_run_txt2img_shows_the_generated_image(page):
-    result = load_workflow(page, example_workflow("perflow_txt2img"), "PeRFlow txt2img")
+    result = load_workflow(page, tiny_workflow("perflow_txt2img"), "PeRFlow txt2img")
     assert result["missing"] == []
     close_dialogs(page)
     images = queue_and_wait_for_image(page, click_run_button=True)

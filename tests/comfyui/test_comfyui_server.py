@@ -1,6 +1,6 @@
 """End to end against a real ComfyUI server (COMFYUI_PATH): the pack loads, its nodes are described, the
-example workflows, a small calibrate-and-save graph and a save-checkpoint graph run through the HTTP API, and bad
-inputs give a readable execution error.
+example workflows are served as templates, their tiny twins, a small calibrate-and-save graph and a
+save-checkpoint graph run through the HTTP API, and bad inputs give a readable execution error.
 
 The server (headless, --cpu, tiny SD1.5-architecture checkpoint) comes from tests/support/server.py; its
 log is kept in test-artifacts/comfyui_server.log. Skipped when COMFYUI_PATH is not set (CI has no ComfyUI).
@@ -15,11 +15,10 @@ import time
 import pytest
 
 from support.server import (
-    API_WORKFLOWS,
     ARTIFACTS,
     CHECKPOINT_NAME,
     DELTA_NAME,
-    EXAMPLE_WORKFLOWS,
+    EXAMPLE_NAMES,
     PACK_NAME,
     PERFLOW_DISPLAY_NAMES,
     PERFLOW_NODE_IDS,
@@ -33,8 +32,6 @@ from support.server import (
     pack_core,
     requires_comfyui,
 )
-
-FRONTEND_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 # node id -> (inputs that must be there, number of outputs)
 EXPECTED_INPUTS = {
@@ -63,22 +60,6 @@ def _record_time(label: str, seconds: float) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     with open(ARTIFACTS / "comfyui_workflow_times.txt", "a") as handle:
         handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {label}: {seconds:.2f} s (CPU)\n")
-
-
-# Without a server: the example files themselves --------------------------------------------------------------
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_example_workflow_and_its_api_twin_agree(name):
-    ui, api = example_workflow(name), api_workflow(name)
-    ui_nodes = {str(node["id"]): node["type"] for node in ui["nodes"] if node["type"] not in FRONTEND_ONLY_TYPES}
-    assert ui_nodes == {node_id: node["class_type"] for node_id, node in api.items()}
-    assert any(node_type.startswith("Perflow") for node_type in ui_nodes.values())
-    assert nodes_of_type(api, "SaveImage"), "every example ends in a SaveImage"
-
-
-def test_api_twins_are_not_in_a_template_folder():
-    # ComfyUI lists <pack>/{example_workflows,example,examples,workflow,workflows}/*.json as templates.
-    assert sorted(p.stem for p in EXAMPLE_WORKFLOWS.glob("*.json")) == sorted(WORKFLOW_NAMES)
-    assert API_WORKFLOWS.name not in ("example_workflows", "example", "examples", "workflow", "workflows")
 
 
 # With the server ---------------------------------------------------------------------------------------------
@@ -223,8 +204,8 @@ def test_save_checkpoint_outside_the_output_folder_gives_an_error_naming_filenam
 @requires_comfyui
 def test_templates_are_listed_and_served(comfy_server):
     templates = comfy_server.get_json("/workflow_templates")
-    assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOW_NAMES), templates
-    for name in WORKFLOW_NAMES:
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(EXAMPLE_NAMES), templates
+    for name in EXAMPLE_NAMES:
         served = comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{name}.json")
         assert served == example_workflow(name)
         status, _ = comfy_server.request(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")

@@ -12,7 +12,7 @@ Layout of the server's base directory (a fresh temporary folder):
     models/perflow_deltas/perflow_tiny_delta.safetensors   small random delta, diffusers UNet key names
     models/perflow_theta/perflow_tiny_theta.safetensors   standalone theta file (an option for Load PeRFlow Theta)
     models/diffusers/perflow-sd15-dreamshaper/model_index.json   a name in Load PeRFlow Diffusers Model's list (no weights)
-    input/perflow_example_input.png   64x64 image for the img2img workflow
+    input/example.png   64x64 stand-in for the image every ComfyUI ships in input/ (the img2img workflows use it)
     user/default/comfy.settings.json   skips the frontend's first-visit template dialog
 The server log is copied to test-artifacts/comfyui_server.log (git-ignored) when the server stops.
 
@@ -41,9 +41,12 @@ from typing import Any, Optional
 
 import pytest
 
+from .models import EXAMPLE_MODELS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 EXAMPLE_WORKFLOWS = REPO_ROOT / "example_workflows"
+TINY_WORKFLOWS = REPO_ROOT / "tests" / "comfyui" / "workflows"
 API_WORKFLOWS = REPO_ROOT / "tests" / "comfyui" / "workflows_api"
 PACK_NAME = "comfyui-perflow"
 PROBE = Path(__file__).resolve().parent / "unet_timestep_probe"
@@ -54,11 +57,16 @@ CHECKPOINT_NAME = "perflow_tiny_sd15.safetensors"
 DELTA_NAME = "perflow_tiny_delta.safetensors"
 THETA_NAME = "perflow_tiny_theta.safetensors"
 THETA_FOLDER = "models/perflow_theta"
-INPUT_IMAGE_NAME = "perflow_example_input.png"
+INPUT_IMAGE_NAME = "example.png"
 DIFFUSERS_LISTED_NAME = "perflow-sd15-dreamshaper"
 
-# The example workflows: UI format in example_workflows/<name>.json, API format in tests/comfyui/workflows_api/<name>_api.json.
-WORKFLOW_NAMES = ["perflow_txt2img", "perflow_sd15_delta", "perflow_img2img", "perflow_ksampler_settings"]
+# The example workflows for users (example_workflows/<name>.json: the real release files, which no test server has).
+EXAMPLE_NAMES = list(EXAMPLE_MODELS)
+# Their tiny twins, which the tests run: the same graphs on the tiny models at 64x64, UI format in
+# tests/comfyui/workflows/<name>.json, API format in tests/comfyui/workflows_api/<name>_api.json.
+WORKFLOW_NAMES = ["perflow_sd15_delta", "perflow_txt2img", "perflow_img2img", "perflow_ksampler_settings"]
+# Where the examples' download data points; the browser never reaches it in the tests (requests are aborted).
+HUGGING_FACE_ROUTE = "https://huggingface.co/**"
 PERFLOW_NODE_IDS = [
     "PerflowSettings",
     "PerflowScheduler",
@@ -106,7 +114,13 @@ def comfyui_root() -> Path:
 
 
 def example_workflow(name: str) -> dict:
+    """An example for users, UI format."""
     return json.loads((EXAMPLE_WORKFLOWS / f"{name}.json").read_text())
+
+
+def tiny_workflow(name: str) -> dict:
+    """The tests' tiny twin of an example, UI format."""
+    return json.loads((TINY_WORKFLOWS / f"{name}.json").read_text())
 
 
 def api_workflow(name: str) -> dict:
@@ -431,6 +445,39 @@ MISSING_HOOK_JS = """() => {
 }"""
 
 
+# The missing-models dialog of frontend 1.27.10 (MissingModelsWarning): a list `.comfy-missing-models` with one row
+# per missing file, labelled "<directory> / <name>", an error message where it cannot download the file, and a
+# Download and a Copy URL button otherwise.
+MISSING_MODELS_JS = """() => {
+  const list = document.querySelector('.comfy-missing-models');
+  if (!list) return {open: false, rows: [], errors: [], downloads: 0};
+  return {
+    open: true,
+    rows: Array.from(list.querySelectorAll('li')).map(row => (row.querySelector('span[title]')?.innerText || '').trim()),
+    errors: Array.from(list.querySelectorAll('.p-message')).map(message => message.innerText.trim()),
+    downloads: Array.from(list.querySelectorAll('button')).filter(b => /download/i.test(b.innerText) && !b.disabled).length,
+  };
+}"""
+
+
+def probe_recorder(page) -> list[str]:
+    """Aborts every request of the page to Hugging Face (the missing-models dialog asks each file's size) and
+    returns the list their URLs are appended to."""
+    urls: list[str] = []
+
+    def abort(route) -> None:
+        urls.append(route.request.url)
+        route.abort()
+
+    page.route(HUGGING_FACE_ROUTE, abort)
+    return urls
+
+
+def expected_console_error(line: str) -> bool:
+    """A console error (a line of page.perflow_log) of the missing-models dialog's aborted size probes."""
+    return "@ https://huggingface.co/" in line or line.startswith("error: Error fetching file size")
+
+
 def browser_unavailable_reason() -> Optional[str]:
     try:
         import playwright.sync_api  # noqa: F401
@@ -465,7 +512,7 @@ def open_app(browser, url: str, viewport=(1600, 900)):
     """A new page with the ComfyUI frontend loaded and this pack's nodes registered; console errors are in page.perflow_log."""
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     log: list[str] = []
-    page.on("console", lambda message: log.append(f"{message.type}: {message.text}"))
+    page.on("console", lambda message: log.append(f"{message.type}: {message.text} @ {message.location.get('url', '')}"))
     page.on("pageerror", lambda error: log.append(f"pageerror: {error}"))
     page.perflow_log = log
     # Errors and warnings raised by this pack's own scripts (served under /extensions/<pack>/).
