@@ -1,7 +1,8 @@
 """The real ComfyUI frontend in headless Chromium (Playwright, sync API) against the test server of
 tests/support/server.py: node search finds the PeRFlow nodes; opening an example workflow, whose release files
 the server does not have, names them in the frontend's missing-models dialog with their downloads (single files)
-or shows the release folder and how to get it (diffusers folders), with no error from the page; every tiny twin
+or shows the release folder and how to get it (diffusers folders), with no error from the page; with tiny stand-ins
+under the release names (as after the README's downloads) an example runs to a 512 px image; every tiny twin
 loads without missing nodes, and queueing the txt2img twin shows the generated image.
 
 Needs COMFYUI_PATH, the playwright python package and a Chromium (default /usr/bin/chromium, or
@@ -36,11 +37,12 @@ from support.server import (
     open_app,
     probe_recorder,
     queue_and_wait_for_image,
+    release_files_in_place,
     requires_browser,
     requires_comfyui,
     tiny_workflow,
 )
-from support.models import EXAMPLE_MODELS
+from support.models import EXAMPLE_MODELS, SIZES
 
 pytestmark = [requires_comfyui, requires_browser]
 
@@ -156,6 +158,22 @@ def test_opening_a_folder_example_without_its_folder_shows_the_folder_and_how_to
     assert shown["loader"] == [release.folder]
     assert f"huggingface-cli download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}" in shown["text"]
     assert probes == [] and errors == []
+
+
+def test_an_example_runs_once_its_files_are_in_place(page, comfy_server):
+    """As after the README's download steps (tiny stand-ins under the release names): no dialog, Run gives a 512 px
+    image. One example (the fastest, 4 steps): at 512 px the tiny model takes about a minute per example on CPU; the
+    twins show that the others are the same graphs."""
+    from PIL import Image
+
+    name = "perflow_txt2img"
+    with release_files_in_place(comfy_server, EXAMPLE_MODELS[name]):
+        result = load_workflow(page, example_workflow(name), name)
+        assert not page.evaluate(MISSING_MODELS_JS)["open"] and result["missing"] == []
+        images = queue_and_wait_for_image(page)
+    (files,) = images.values()
+    with Image.open(comfy_server.output_dir / files[0]) as image:
+        assert image.size == (SIZES["sd15"], SIZES["sd15"])
 
 
 def _write_docs_screenshot(png: bytes) -> None:

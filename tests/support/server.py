@@ -23,6 +23,7 @@ Frontends: the server serves the frontend ComfyUI pins (its venv's comfyui-front
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ from typing import Any, Optional
 
 import pytest
 
-from .models import EXAMPLE_MODELS
+from .models import EXAMPLE_MODELS, SD15_BASE, SD15_DELTA, ModelFile
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -313,6 +314,24 @@ def prepare_base_directory(base: Path) -> None:
     (listed / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     theta = PerflowSettings(segments=4, prediction_type="diff_eps", theta=[[0.02, 0.0, 0.01], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])
     save_theta_file(base / THETA_FOLDER / THETA_NAME, theta)
+
+
+@contextlib.contextmanager
+def release_files_in_place(server: ComfyServer, files: tuple[ModelFile, ...]):
+    """The tiny models hard-linked into the server's model folders under the names of the release ``files``, where a
+    user who followed the README has the real ones; removed again afterwards."""
+    stand_ins = {SD15_BASE: ("checkpoints", CHECKPOINT_NAME), SD15_DELTA: ("perflow_deltas", DELTA_NAME)}
+    links = []
+    try:
+        for file in files:
+            folder, tiny = stand_ins[file]
+            link = server.base / "models" / file.directory / file.name
+            os.link(server.base / "models" / folder / tiny, link)
+            links.append(link)
+        yield
+    finally:
+        for link in links:
+            link.unlink()
 
 
 def _kill_group(process: subprocess.Popen) -> None:
