@@ -75,8 +75,8 @@ def sd15_loader(setup: Setup) -> tuple:
     return ("loader", "CheckpointLoaderSimple", LEFT, {"ckpt_name": setup.checkpoint}, None, setup.models(SD15_BASE))
 
 
-def sd15_delta(setup: Setup, position=BELOW[0]) -> tuple:
-    return ("delta", "PerflowApplyDelta", position, {"delta_name": setup.delta, "strength": 1.0}, None, setup.models(SD15_DELTA))
+def sd15_delta(setup: Setup) -> tuple:
+    return ("delta", "PerflowApplyDelta", BELOW[0], {"delta_name": setup.delta, "strength": 1.0}, None, setup.models(SD15_DELTA))
 
 
 def diffusers_loader(release) -> tuple:
@@ -117,10 +117,10 @@ def ksampler_workflow(name, note, loader, *, latent, steps, cfg, denoise=1.0, be
     return workflow(name, note, loader, below=below, middle=middle, links=links, sampled=("ksampler", "LATENT"), **loader_links)
 
 
-SD15_FILES = (
-    f"- `models/checkpoints/{SD15_BASE.name}`: Stable Diffusion 1.5 ([{SD15_BASE.repo}]({SD15_BASE.page})); any SD1.5 "
-    "fine-tune works instead.\n"
-    f"- `models/perflow_deltas/{SD15_DELTA.name}`: the PeRFlow delta weights ([{SD15_DELTA.repo}]({SD15_DELTA.page})).\n\n"
+SD15_FILES_NOTE = (
+    f"- `models/{SD15_BASE.directory}/{SD15_BASE.name}`: Stable Diffusion 1.5 ([{SD15_BASE.repo}]({SD15_BASE.page})); "
+    "any SD1.5 fine-tune works instead.\n"
+    f"- `models/{SD15_DELTA.directory}/{SD15_DELTA.name}`: the PeRFlow delta weights ([{SD15_DELTA.repo}]({SD15_DELTA.page})).\n\n"
     "When they are missing, ComfyUI lists them with a Download button as the workflow opens (the desktop app saves them "
     "in place; in a browser, move the downloaded files into those folders and press R to refresh)."
 )
@@ -132,7 +132,7 @@ def sd15_delta_txt2img(setup: Setup):
         "**Apply PeRFlow Delta Weights** turns a Stable Diffusion 1.5 model into PeRFlow (W + strength x dW, a model "
         "patch) and **PeRFlow KSampler** samples it in a few steps with the original PeRFlow settings (K = 4 "
         "windows, `diff_eps` for SD1.5). 512x512, 6 steps, CFG 7.5 (PeRFlow SD1.5: 4-8 steps, CFG 4.5-7.5).\n\n"
-        "Files:\n" + SD15_FILES
+        "Files:\n" + SD15_FILES_NOTE
     )
     return ksampler_workflow(
         "perflow_sd15_delta", note, sd15_loader(setup),
@@ -147,7 +147,7 @@ def sd15_custom_sampling(setup: Setup):
         "The same model as *perflow_sd15_delta* (SD1.5 + **Apply PeRFlow Delta Weights**), sampled with "
         "**SamplerCustomAdvanced**: **PeRFlow Sampler** and **PeRFlow Scheduler** (K = 4 windows; 4 steps = one per "
         "window) with any guider (CFGGuider here). 512x512, 4 steps, CFG 7.5.\n\n"
-        "Files:\n" + SD15_FILES
+        "Files:\n" + SD15_FILES_NOTE
     )
     middle = [
         empty_latent(setup.sizes["sd15"]),
@@ -180,7 +180,7 @@ def sd15_img2img(setup: Setup):
         "`example.png` (ComfyUI ships it in `ComfyUI/input`; upload your own with the Load Image node) is scaled to "
         f"{side}x{side}, encoded, re-noised to `denoise` and sampled back by **PeRFlow KSampler**: 8 steps at denoise "
         "0.5 build a 16-step grid and run its last 8, starting on a window boundary.\n\n"
-        "Files:\n" + SD15_FILES
+        "Files:\n" + SD15_FILES_NOTE
     )
     scale = {"upscale_method": "lanczos", "width": side, "height": side, "crop": "center"}
     return ksampler_workflow(
@@ -198,7 +198,7 @@ def sd15_settings(setup: Setup):
         "**PeRFlow Settings** sets the windows K, optional boundaries (e.g. `999, 700, 400, 150, 0`), the per-segment "
         "correction theta (rows separated by `;`) and the parameterisation (auto: SD1.x `diff_eps`, SDXL `ddim_eps`, "
         "SD2.x-v and flow models `velocity`). Use at least one step per window. 512x512, 8 steps, CFG 7.5.\n\n"
-        "Files:\n" + SD15_FILES
+        "Files:\n" + SD15_FILES_NOTE
     )
     settings = ("settings", "PerflowSettings", BELOW[1], {"parameterisation": "auto", "segments": 4, "boundaries": "", "theta": ""})
     return ksampler_workflow(
