@@ -33,6 +33,7 @@ from support.models import SD15_BASE, SD15_DELTA, SD21, SDXL, SDXL_BASE, SIZES  
 
 POSITIVE = "a watercolor painting of a lighthouse on a cliff at sunset, soft light"
 NEGATIVE = "blurry, low quality, watermark"
+TWIN_NOTE = "\n\n*The tests' tiny twin of this example: the tests' tiny models at 64x64 px in place of the files above.*"
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,8 @@ BUILD_JS = """async (spec) => {
     if (node.type === 'SaveImage') node.size = [300, 300];
     if (node.type === 'LoadImage') node.size = [300, 320];
     if (node.type === 'CLIPTextEncode') node.size = [430, 200];
-    if (node.type === 'PerflowSettings') node.size = [330, 200];
   }
+  await new Promise(r => setTimeout(r, 300));  // nodes that draw more (the PeRFlow Settings editor) grow first
   let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
   for (const node of app.graph._nodes) {
     x0 = Math.min(x0, node.pos[0]); y0 = Math.min(y0, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT);
@@ -305,7 +306,8 @@ def build_graph(page, name: str, setup: Setup) -> dict:
     """The graph of ``name`` for ``setup``, built in the page; returns app.graph.serialize() with a stable id."""
     built = spec(name, setup)
     nodes = [list(node) + [None] * (6 - len(node)) for node in built["nodes"]]
-    page.evaluate(BUILD_JS, {"nodes": nodes, "links": built["links"], "note": built["note"]})
+    note = built["note"] + ("" if setup.download_data else TWIN_NOTE)
+    page.evaluate(BUILD_JS, {"nodes": nodes, "links": built["links"], "note": note})
     ui = page.evaluate("() => JSON.parse(JSON.stringify(app.graph.serialize()))")
     folder = "example_workflows" if setup is REAL else "tests"
     ui["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-perflow/{folder}/{name}"))
