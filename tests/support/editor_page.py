@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .server import PROMPT_TIMEOUT_S, ComfyServer, example_workflow, load_workflow
+from .server import PROMPT_TIMEOUT_S, ComfyServer, load_workflow, tiny_workflow
 
 VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"
-EDITOR_WORKFLOW = "perflow_ksampler_settings"  # PeRFlow Settings -> PeRFlow KSampler -> Save Image
-EDITOR_WORKFLOW_STEPS = 4
+# The tiny twin of the example (it runs on the test server's models): PeRFlow Settings -> PeRFlow KSampler -> Save Image.
+EDITOR_WORKFLOW = "perflow_ksampler_settings"
+EDITOR_WORKFLOW_STEPS = 8  # its PeRFlow KSampler's steps
 NODE_SCREEN_POSITION = (140, 130)  # where the settings node is put, in canvas pixels at ZOOM
 ZOOM = 1.2  # not 1: the editor is under the canvas zoom's CSS transform, as users see it
 
@@ -25,7 +26,7 @@ def set_node_mode(server: ComfyServer, vue: bool) -> None:
 
 def open_editor_workflow(page) -> int:
     """Load the settings workflow and put the PeRFlow Settings node at a fixed place at ZOOM; returns its node id."""
-    result = load_workflow(page, example_workflow(EDITOR_WORKFLOW), EDITOR_WORKFLOW)
+    result = load_workflow(page, tiny_workflow(EDITOR_WORKFLOW), EDITOR_WORKFLOW)
     assert result["missing"] == [], result
     node_id = page.evaluate(
         """([x, y, zoom]) => {
