@@ -38,7 +38,9 @@ NFES = (2, 4, 6, 8, 16)
 QUICK_NFES = (2, 4, 8)
 SMOOTHINGS = (0.05, 0.2)
 HELD_OUT_FIRST_SEED, HELD_OUT_COUNT, QUICK_HELD_OUT_COUNT = 10_000, 256, 32
-FIT_FIRST_SEED, FIT_COUNT, QUICK_FIT_COUNT = 0, 128, 16
+# 512 fit seeds: on sharp-mode data a few seeds that change mode dominate the RMSE, so a 4-call time grid chosen on
+# 128 (halves of 64) followed those seeds, not the data (issue 12; the teacher runs scale with it, the ratio does not).
+FIT_FIRST_SEED, FIT_COUNT, QUICK_FIT_COUNT = 0, 512, 16
 
 
 def parse_seeds(text: str, first: int) -> List[int]:
