@@ -9,7 +9,8 @@ corrected); a segment with several steps is refitted until its row settles, sinc
 start from states that depend on its own theta. A row that does not lower the fit seeds' error at
 its segment's end is set back to zero.
 
-With ``fit_boundaries`` the windows are learned too (one per step, see ``time_grid.py`` and `learn_grid`), and a
+With ``fit_boundaries`` the windows are learned too (one per step, see ``time_grid.py`` and `learn_grid`: the last steps
+are then refitted together against the final target, `refine_to_endpoint`), and a
 ``progress`` hook is told before every network call (ComfyUI's progress bar and Cancel).
 """
 
@@ -299,11 +300,69 @@ def search_grid(search: GridSearch, grid: Sequence[float], start: Sequence[float
     return best
 
 
+def refinement_calls(steps: int, last: int) -> int:
+    """At most this many network calls for `refine_to_endpoint` on the ``last`` of ``steps`` steps: the run, each of
+    their 3 theta columns carried to the end by the steps after it, and up to two trial runs of those steps."""
+    return steps + 3 * last * (last - 1) // 2 + 2 * last
+
+
+def endpoint_steps(steps: int, budget: int) -> int:
+    """The most last steps `refine_to_endpoint` can take within ``budget`` calls; 0 below 2 (the last step alone is
+    already fitted against the final target)."""
+    return max((m for m in range(2, steps + 1) if refinement_calls(steps, m) <= budget), default=0)
+
+
+@torch.no_grad()
+def refine_to_endpoint(model_fn: ModelFn, plan: SamplingPlan, noise: torch.Tensor, theta: torch.Tensor, target: torch.Tensor, last: int, ridge: float = 1e-6) -> torch.Tensor:
+    """One Gauss-Newton step on the theta rows of the ``last`` steps (one window per step) against the final target.
+
+    Fitted step by step, each step matches the teacher's state at its end, so an early step cannot leave an error
+    that a later one cancels. A step is linear in its own row (``x_next = base + F theta``), so the final sample's
+    derivative in that row is ``F`` carried through the later steps: one finite difference per column (a run of the
+    later steps from ``x_next + h F``). The step is kept only if it lowers the fit seeds' final error (else half of
+    it is tried)."""
+    records: List[StepRecord] = []
+    final, _ = run_plan(model_fn, plan, noise, theta, on_step=records.append)
+    count, first = len(plan), len(plan) - last
+    columns = []
+    for k in range(first, count):
+        features, _ = _least_squares_terms(plan, records[k], records[k].result.prev_sample)
+        for column in features.T:
+            columns.append(column if k == count - 1 else _carried(model_fn, plan, theta, records[k], column, final))
+    jacobian = torch.stack(columns, dim=1)
+    residual = (target.double() - final.double()).flatten()
+    normal = jacobian.T @ jacobian
+    scale = float(normal.diagonal().max()) or 1.0
+    update = torch.linalg.solve(normal + ridge * scale * torch.eye(len(columns), dtype=normal.dtype), jacobian.T @ residual)
+    rows = [plan.steps[k].index for k in range(first, count)]
+    best, best_error = theta, rmse(final, target)
+    for share in (1.0, 0.5):
+        trial = theta.clone()
+        trial[rows] = (theta[rows] + share * update.view(last, NUM_THETA_COLUMNS)).clamp(*THETA_DOCUMENTED_RANGE)
+        end, _ = run_plan(model_fn, plan, records[first].sample, trial, range(first, count), records[first].previous_output)
+        if rmse(end, target) < best_error:
+            return trial
+    return best
+
+
+def _carried(model_fn: ModelFn, plan: SamplingPlan, theta: torch.Tensor, record: StepRecord, column: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """The change of the run's ``final`` sample per unit move of ``record``'s result along ``column`` (a finite difference)."""
+    start = record.result.prev_sample
+    direction = column.view(start.shape).to(start.dtype)
+    h = 1e-3 * float(start.double().pow(2).mean().sqrt()) / max(float(direction.double().pow(2).mean().sqrt()), 1e-30)
+    moved, _ = run_plan(model_fn, plan, start + h * direction, theta, range(record.index + 1, len(plan)), record.output)
+    return ((moved.double() - final.double()) / h).flatten()
+
+
 def learn_grid(model_fn: CountedModel, settings: PerflowSettings, alphas_cumprod: torch.Tensor, noise: torch.Tensor, path: GridPath, given: List[float]) -> Tuple[List[float], torch.Tensor]:
     """The learned boundaries and their theta. Candidates: the grid the local errors pick (`time_grid.best_boundaries`),
-    the given one, and a coordinate search from the better of them on one half of the fit seeds (at most half the
-    calls the teacher makes per seed set); the other half picks among them, so the search cannot win by fitting
-    its own seeds. Theta is then fitted on all the fit seeds."""
+    the given one, and a coordinate search from the better of them on one half of the fit seeds; the other half picks
+    among them, so the search cannot win by fitting its own seeds. Theta is then fitted on all the fit seeds, step by
+    step, and its last steps refitted together against the final target (`refine_to_endpoint`). The search and the
+    refit share at most half the calls the teacher makes per seed set, the refit first."""
+    budget = (len(path.timesteps) - 1) // 2
+    last = endpoint_steps(len(given) - 1, budget)
+    search_budget = budget - (refinement_calls(len(given) - 1, last) if last else 0)
     local = best_boundaries(local_errors(path), path.timesteps, len(given) - 1)
     half = len(noise) // 2
     if half == 0:
@@ -312,11 +371,14 @@ def learn_grid(model_fn: CountedModel, settings: PerflowSettings, alphas_cumprod
         search = GridSearch(model_fn, settings, alphas_cumprod, noise[:half], path.part(slice(0, half)))
         check = GridSearch(model_fn, settings, alphas_cumprod, noise[half:], path.part(slice(half, None)))
         started = model_fn.calls
-        searched = search_grid(search, path.timesteps, min([local, given], key=search.error), lambda: model_fn.calls - started >= (len(path.timesteps) - 1) // 2)
+        searched = search_grid(search, path.timesteps, min([local, given], key=search.error), lambda: model_fn.calls - started >= search_budget)
         candidates = [min([local, given, searched], key=check.error)]
     full = GridSearch(model_fn, settings, alphas_cumprod, noise, path)
     boundaries = min(candidates, key=full.error)
-    return boundaries, full.theta(boundaries)
+    theta = full.theta(boundaries)
+    if last:
+        theta = refine_to_endpoint(model_fn, full.plan(boundaries), noise, theta, path.states[-1], last)
+    return boundaries, theta
 
 
 # progress(calls_done, calls_planned): told before every network call of a calibration (``calls_planned`` is an upper
@@ -448,3 +510,4 @@ def diffusers_model_fn(unet, encoder_hidden_states=None, negative_encoder_hidden
             return uncond + guidance_scale * (cond - uncond)
 
     return model_fn
+
