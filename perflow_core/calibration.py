@@ -271,6 +271,12 @@ class GridSearch:
             self.errors[key] = rmse(z, self.path.states[-1])
         return self.errors[key]
 
+    def known_outputs(self, boundaries: Sequence[float]) -> ModelFn:
+        """``model_fn`` for a run of these boundaries with their fitted theta, whose outputs `error` already computed."""
+        self.error(boundaries)
+        outputs = {float(boundaries[k]): self.outputs[tuple(boundaries[: k + 1])] for k in range(len(boundaries) - 1)}
+        return lambda z, timestep: outputs[float(timestep)]
+
     def _output_for(self, prefix: Tuple[float, ...]) -> ModelFn:
         def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
             if prefix not in self.outputs:
@@ -300,29 +306,29 @@ def search_grid(search: GridSearch, grid: Sequence[float], start: Sequence[float
     return best
 
 
-def refinement_calls(steps: int, last: int) -> int:
-    """At most this many network calls for `refine_to_endpoint` on the ``last`` of ``steps`` steps: the run, each of
+def refinement_calls(last: int) -> int:
+    """At most this many network calls for `refine_to_endpoint` on the ``last`` steps, its run's outputs known: each of
     their 3 theta columns carried to the end by the steps after it, and up to two trial runs of those steps."""
-    return steps + 3 * last * (last - 1) // 2 + 2 * last
+    return 3 * last * (last - 1) // 2 + 2 * last
 
 
 def endpoint_steps(steps: int, budget: int) -> int:
     """The most last steps `refine_to_endpoint` can take within ``budget`` calls; 0 below 2 (the last step alone is
     already fitted against the final target)."""
-    return max((m for m in range(2, steps + 1) if refinement_calls(steps, m) <= budget), default=0)
+    return max((m for m in range(2, steps + 1) if refinement_calls(m) <= budget), default=0)
 
 
 @torch.no_grad()
-def refine_to_endpoint(model_fn: ModelFn, plan: SamplingPlan, noise: torch.Tensor, theta: torch.Tensor, target: torch.Tensor, last: int, ridge: float = 1e-6) -> torch.Tensor:
+def refine_to_endpoint(model_fn: ModelFn, plan: SamplingPlan, noise: torch.Tensor, theta: torch.Tensor, target: torch.Tensor, last: int, known: Optional[ModelFn] = None, ridge: float = 1e-6) -> torch.Tensor:
     """One Gauss-Newton step on the theta rows of the ``last`` steps (one window per step) against the final target.
 
     Fitted step by step, each step matches the teacher's state at its end, so an early step cannot leave an error
     that a later one cancels. A step is linear in its own row (``x_next = base + F theta``), so the final sample's
     derivative in that row is ``F`` carried through the later steps: one finite difference per column (a run of the
     later steps from ``x_next + h F``). The step is kept only if it lowers the fit seeds' final error (else half of
-    it is tried)."""
+    it is tried). ``known`` gives the outputs of the run with ``theta`` when they were computed before."""
     records: List[StepRecord] = []
-    final, _ = run_plan(model_fn, plan, noise, theta, on_step=records.append)
+    final, _ = run_plan(known or model_fn, plan, noise, theta, on_step=records.append)
     count, first = len(plan), len(plan) - last
     columns = []
     for k in range(first, count):
@@ -359,10 +365,11 @@ def learn_grid(model_fn: CountedModel, settings: PerflowSettings, alphas_cumprod
     the given one, and a coordinate search from the better of them on one half of the fit seeds; the other half picks
     among them, so the search cannot win by fitting its own seeds. Theta is then fitted on all the fit seeds, step by
     step, and its last steps refitted together against the final target (`refine_to_endpoint`). The search and the
-    refit share at most half the calls the teacher makes per seed set, the refit first."""
+    refit share at most half the calls the teacher makes per seed set, the refit first (its run reuses the outputs the
+    search computed)."""
     budget = (len(path.timesteps) - 1) // 2
     last = endpoint_steps(len(given) - 1, budget)
-    search_budget = budget - (refinement_calls(len(given) - 1, last) if last else 0)
+    search_budget = budget - (refinement_calls(last) if last else 0)
     local = best_boundaries(local_errors(path), path.timesteps, len(given) - 1)
     half = len(noise) // 2
     if half == 0:
@@ -377,7 +384,7 @@ def learn_grid(model_fn: CountedModel, settings: PerflowSettings, alphas_cumprod
     boundaries = min(candidates, key=full.error)
     theta = full.theta(boundaries)
     if last:
-        theta = refine_to_endpoint(model_fn, full.plan(boundaries), noise, theta, path.states[-1], last)
+        theta = refine_to_endpoint(model_fn, full.plan(boundaries), noise, theta, path.states[-1], last, full.known_outputs(boundaries))
     return boundaries, theta
 
 

@@ -5,7 +5,7 @@ import torch
 
 from perflow_core.lab.analytic import AnalyticDigitsDenoiser, noise_for_seeds
 from perflow_core.calibration import calibrate_theta, fit_theta, perflow_teacher, rmse, run_student
-from perflow_core.sampling import SamplingPlan
+from perflow_core.sampling import SamplingPlan, run_plan
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.settings import PerflowSettings
 
@@ -163,8 +163,13 @@ def test_scheduler_calibrate_can_learn_the_segments_and_saves_them(model_fn, tmp
     assert [float(t) for t in loaded.timesteps] == report.settings.build_segments().boundaries[:-1]
 
 
+
+BOUNDARIES = [1000.0, 594.0, 375.0, 188.0, 0.0]
+
+
 def greedy_grid_fit(model_fn, seeds=16):
-    """A 4-step one-window-per-step grid on a DPM++ 2M teacher path, its plan, and theta fitted step by step (no refit)."""
+    """A 4-step one-window-per-step grid on a DPM++ 2M teacher path: its search (outputs kept), plan, noise, theta
+    fitted step by step (no refit) and the teacher's final state."""
     from perflow_core.calibration import GridSearch
     from perflow_core.time_grid import fine_grid, solve_on_grid
 
@@ -172,14 +177,13 @@ def greedy_grid_fit(model_fn, seeds=16):
     noise = noise_for_seeds(range(seeds)).double()
     path = solve_on_grid(model_fn, fine_grid(SamplingPlan.for_steps(settings, 4, ALPHAS), 8), ALPHAS, noise, "dpmpp_2m")
     search = GridSearch(model_fn, settings, ALPHAS, noise, path)
-    boundaries = [1000.0, 594.0, 375.0, 188.0, 0.0]
-    return search.plan(boundaries), noise, search.theta(boundaries), path.states[-1]
+    return search, search.plan(BOUNDARIES), noise, search.theta(BOUNDARIES), path.states[-1]
 
 
 def test_refitting_the_last_steps_against_the_final_target_lowers_the_fit_error_and_keeps_the_earlier_rows(model_fn):
     from perflow_core.calibration import refine_to_endpoint
 
-    plan, noise, theta, target = greedy_grid_fit(model_fn)
+    _, plan, noise, theta, target = greedy_grid_fit(model_fn)
     refined = refine_to_endpoint(model_fn, plan, noise, theta, target, last=2)
     final = lambda t: run_student(model_fn, plan, noise, t)[-1]  # noqa: E731
     assert rmse(final(refined), target) < rmse(final(theta), target)
@@ -189,17 +193,31 @@ def test_refitting_the_last_steps_against_the_final_target_lowers_the_fit_error_
 def test_an_endpoint_refit_that_cannot_lower_the_fit_error_keeps_theta(model_fn):
     from perflow_core.calibration import refine_to_endpoint
 
-    plan, noise, theta, _ = greedy_grid_fit(model_fn)
+    _, plan, noise, theta, _ = greedy_grid_fit(model_fn)
     own_end = run_student(model_fn, plan, noise, theta)[-1]
     assert torch.equal(refine_to_endpoint(model_fn, plan, noise, theta, own_end, last=3), theta)
 
 
-def test_the_endpoint_refit_stays_within_its_call_budget_and_needs_two_steps(model_fn):
-    from perflow_core.calibration import endpoint_steps, refine_to_endpoint, refinement_calls
+def test_the_grid_searchs_known_outputs_are_the_model_outputs_of_its_fitted_run(model_fn):
+    search, plan, noise, theta, _ = greedy_grid_fit(model_fn)
+    known = search.known_outputs(BOUNDARIES)
+    records = []
+    run_plan(model_fn, plan, noise, theta, on_step=records.append)
+    assert all(torch.equal(known(r.sample, plan.timesteps[r.index]), r.output) for r in records)
 
-    assert endpoint_steps(4, 16) == 2 and endpoint_steps(8, 32) == 3 and endpoint_steps(2, 8) == 0
-    plan, noise, theta, target = greedy_grid_fit(model_fn)
+
+def test_the_endpoint_refit_with_known_outputs_stays_within_its_call_budget(model_fn):
+    from perflow_core.calibration import refine_to_endpoint, refinement_calls
+
+    search, plan, noise, theta, target = greedy_grid_fit(model_fn)
     calls = []
     counting = lambda z, t: calls.append(t) or model_fn(z, t)  # noqa: E731
-    refine_to_endpoint(counting, plan, noise, theta, target, last=3)
-    assert 0 < len(calls) <= refinement_calls(4, 3)
+    refine_to_endpoint(counting, plan, noise, theta, target, last=3, known=search.known_outputs(BOUNDARIES))
+    assert 0 < len(calls) <= refinement_calls(3)
+
+
+def test_the_endpoint_refit_takes_the_most_last_steps_its_budget_allows_and_at_least_two():
+    from perflow_core.calibration import endpoint_steps, refinement_calls
+
+    assert endpoint_steps(4, 16) == 3 and refinement_calls(3) <= 16 < refinement_calls(4)
+    assert endpoint_steps(4, refinement_calls(2) - 1) == 0
