@@ -212,7 +212,7 @@ def perflow_step(
 def nonfinite_output_error(step_index: Optional[int], timestep: Optional[float]) -> FloatingPointError:
     return FloatingPointError(
         f"the model output contains NaN or Inf at step {step_index} (timestep {timestep}); "
-        "check the model, its dtype (fp16 overflow) and the input latents"
+        "check the model, its dtype (fp16 overflow), the conditioning and the input latents"
     )
 
 

@@ -219,7 +219,7 @@ def folder_note(title: str, release, steps: int, cfg: float, parameterisation: s
         f"**PeRFlow KSampler** samples it: {side}x{side}, {steps} steps, CFG {cfg}.\n\n"
         f"The release is a folder, not one file, so ComfyUI cannot offer it for download: put it in "
         f"`ComfyUI/models/diffusers/{release.folder}` (it holds `model_index.json`), e.g.\n\n"
-        f"`huggingface-cli download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}`\n\n"
+        f"`hf download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}`\n\n"
         "then press R to refresh the list."
     )
 

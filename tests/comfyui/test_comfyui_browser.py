@@ -156,7 +156,7 @@ def test_opening_a_folder_example_without_its_folder_shows_the_folder_and_how_to
                    text: document.body.innerText})"""
     )
     assert shown["loader"] == [release.folder]
-    assert f"huggingface-cli download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}" in shown["text"]
+    assert f"hf download {release.repo} --local-dir ComfyUI/models/diffusers/{release.folder}" in shown["text"]
     assert probes == [] and errors == []
 
 
