@@ -10,7 +10,6 @@ diffusers scheduler's.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from .sampling import SamplingPlan, StepRecord, run_plan
 from .segments import BOUNDARY_TOLERANCE
 from .settings import PerflowSettings
 
-logger = logging.getLogger(__name__)
 
 MODEL_KINDS = ("eps", "v", "flow")
 FLOW_TIMESTEPS = 1000
-# Sigmas further than this (relative) from a training sigma are snapped to it, with a warning.
+# A sigma within this (relative) of a training sigma is that training sigma (float32 and float16 rounding; neighbouring
+# training sigmas are 0.3% or more apart); one further off is refused (`off_grid_error`).
 _SNAP_TOLERANCE = 1e-3
 
 
@@ -91,7 +90,7 @@ class ModelSpace:
         return [float(next(found)) if sigma > 0 else 0.0 for sigma in sigmas]
 
     def _training_timesteps(self, sigmas: List[float]) -> List[int]:
-        """The training timestep (``j + 1``) whose sigma is nearest in log to each sigma; a far one is snapped, with a warning."""
+        """The training timestep (``j + 1``) whose sigma is nearest in log to each sigma; a far one is refused (`off_grid_error`)."""
         if not sigmas:
             return []
         targets = torch.tensor([math.log(sigma) for sigma in sigmas], dtype=torch.float64)
@@ -99,7 +98,7 @@ class ModelSpace:
         indices = nearest.tolist()
         for sigma, index, training_sigma in zip(sigmas, indices, self.sigmas[nearest].tolist()):
             if abs(training_sigma / sigma - 1) > _SNAP_TOLERANCE:
-                logger.warning("PeRFlow: sigma %.5g is not a training sigma; using timestep %d (sigma %.5g)", sigma, index + 1, training_sigma)
+                raise off_grid_error(sigma, training_sigma, index + 1)
         return [index + 1 for index in indices]
 
     def sigma_of(self, timestep: float) -> float:
@@ -166,6 +165,15 @@ def _float32_scalar(value: float) -> torch.Tensor:
     tensor even when first made inside ComfyUI's inference mode, so a later run with gradients may use it)."""
     with torch.inference_mode(False):
         return torch.tensor(value, dtype=torch.float32)
+
+
+def off_grid_error(sigma: float, nearest: float, timestep: int) -> ValueError:
+    return ValueError(
+        f"sigmas: {sigma:.5g} is not one of the model's training sigmas (the nearest is {nearest:.5g}, timestep {timestep}); "
+        "PeRFlow steps from training timestep to training timestep: use the PeRFlow Scheduler's sigmas, or a schedule "
+        "of training sigmas whose steps land on the segment boundaries (of the stock schedulers: simple at 4 or 8 steps "
+        "for K = 4; karras, exponential and kl_optimal give other sigmas)"
+    )
 
 
 def model_sampling_of(model: Any) -> Any:

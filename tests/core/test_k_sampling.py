@@ -165,6 +165,20 @@ def test_sigmas_that_do_not_decrease_are_refused():
         sample_perflow(model, torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 1.0, 0.0]), disable=True)
 
 
+def test_a_sigma_between_training_sigmas_is_refused_naming_sigmas():
+    model = ComfyLikeModel(DiscreteEps())
+    between = math.sqrt(model.space.sigma_of(700) * model.space.sigma_of(701))
+    sigmas = torch.tensor([model.space.sigma_of(1000), between, 0.0])
+    with pytest.raises(ValueError, match=r"^sigmas: .* is not one of the model's training sigmas \(the nearest is .*, timestep 70[01]\)"):
+        sample_perflow(model, torch.zeros(1, 4, 2, 2), sigmas, settings=PerflowSettings(segments=1), disable=True)
+
+
+def test_training_sigmas_rounded_to_half_precision_are_still_on_the_grid():
+    model = ComfyLikeModel(DiscreteEps())
+    sigmas = perflow_sigmas(model.space, PerflowSettings(), 4).half().float()
+    assert [model.space.timestep_of(float(s)) for s in sigmas] == [1000.0, 750.0, 500.0, 250.0, 0.0]
+
+
 def test_a_schedule_whose_steps_cross_segment_boundaries_is_refused_naming_sigmas():
     model = ComfyLikeModel(DiscreteEps())
     karras_like = torch.tensor([float(model.space.sigma_of(t)) for t in (1000, 812, 640, 300)] + [0.0])
