@@ -6,7 +6,8 @@ Imported anywhere else (pytest collects this folder as a package), there is noth
 
 from importlib.util import find_spec
 
-# The segment and theta editor drawn on PeRFlow Settings (plain ES modules, no build step).
+# The frontend scripts (plain ES modules, no build step): the segment and theta editor drawn on PeRFlow Settings,
+# and the text the PeRFlow nodes show after a run.
 WEB_DIRECTORY = "./web"
 
 if find_spec("comfy_api") is not None:

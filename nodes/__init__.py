@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .calibration_nodes import PerflowCalibrateNode, PerflowLoadThetaNode, PerflowSaveThetaNode
+from .display import with_named_errors
 from .dropdowns import register_dropdowns
 from .loader_nodes import PerflowApplyDeltaNode, PerflowCheckpointLoaderNode, PerflowDiffusersLoaderNode
 from .sampling_nodes import PerflowKSamplerNode, PerflowSamplerNode, PerflowSigmasNode
@@ -24,6 +25,8 @@ NODES = [
     PerflowLoadThetaNode,
     PerflowSaveCheckpointNode,
 ]
+# Their errors name them: ComfyUI's error dialog shows the node id, not the display name.
+NODES = [with_named_errors(node) for node in NODES]
 
 
 # At import: ComfyUI 0.3.64 imports the pack but never calls ComfyExtension.on_load (later versions do; then

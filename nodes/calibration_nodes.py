@@ -107,8 +107,8 @@ class PerflowCalibrateNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowCalibrate",
             display_name="PeRFlow Calibrate Theta",
-            category="sampling/custom_sampling/perflow",
-            description="Learns theta for this model, prompt and step count: the K-step PeRFlow sampler is fitted by least squares "
+            category="PeRFlow/theta",
+            description="Learns theta for this model, prompt and step count: the K-step piecewise rectified flow (PeRFlow) sampler is fitted by least squares "
             "to a many-step teacher (the same PeRFlow flow at teacher_multiplier x the steps). Reports the error on held-out seeds.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate for."),
@@ -169,8 +169,8 @@ class PerflowSaveThetaNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowSaveTheta",
             display_name="Save PeRFlow Theta",
-            category="sampling/custom_sampling/perflow",
-            description="Writes the PeRFlow settings (theta, segments, parameterisation) into a new copy of a checkpoint "
+            category="PeRFlow/theta",
+            description="Writes the piecewise rectified flow (PeRFlow) settings (theta, segments, parameterisation) into a new copy of a checkpoint "
             "(models/checkpoints, perflow.* keys) or into a small standalone theta file (models/perflow_theta).",
             is_output_node=True,
             inputs=[
@@ -211,8 +211,8 @@ class PerflowLoadThetaNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowLoadTheta",
             display_name="Load PeRFlow Theta",
-            category="loaders",
-            description="Reads PeRFlow settings from a standalone theta file (models/perflow_theta).",
+            category="PeRFlow/loaders",
+            description="Reads piecewise rectified flow (PeRFlow) settings from a standalone theta file (models/perflow_theta).",
             inputs=[
                 io.Combo.Input("theta_name", options=THETAS.options(), tooltip="A file written by Save PeRFlow Theta or `perflow calibrate`."),
             ],

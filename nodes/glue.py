@@ -12,6 +12,7 @@ import comfy.samplers
 
 from ..perflow_core.k_sampling import ModelSpace, check_parameterisation, model_sampling_of, sample_perflow
 from ..perflow_core.settings import PerflowSettings
+from .display import settings_text
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class PerflowChoice:
         if not self.auto_prediction_type:
             return self.settings
         return self.settings.replace(prediction_type=default_prediction_type(base_model))
+
+    def __str__(self) -> str:  # what Preview Any prints
+        return settings_text(self)
 
 
 def default_choice() -> PerflowChoice:

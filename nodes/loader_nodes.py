@@ -11,10 +11,11 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..perflow_core.checkpoint import checkpoint_format, load_pickle_checkpoint, perflow_fields_in, split_perflow_state_dict
 from ..perflow_core.diffusers_folder import MODEL_INDEX, read_json, scheduler_config, scheduler_settings, states_v_prediction, weight_files
+from .display import settings_text
 from .glue import PerflowChoice, default_choice, default_prediction_type
 from .model_files import CHECKPOINTS, DIFFUSERS, pack_model_files
 from .settings_node import Perflow
@@ -54,8 +55,8 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowCheckpointLoader",
             display_name="Load PeRFlow Checkpoint",
-            category="loaders",
-            description="Loads a checkpoint like Load Checkpoint and reads the PeRFlow settings stored in its perflow.* keys "
+            category="PeRFlow/loaders",
+            description="Loads a checkpoint like Load Checkpoint and reads the piecewise rectified flow (PeRFlow) settings stored in its perflow.* keys "
             "(segments, boundaries, theta, parameterisation); files without them give the original PeRFlow settings.",
             inputs=[
                 io.Combo.Input(
@@ -93,7 +94,7 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
         choice = PerflowChoice(settings, auto_prediction_type=not has_prediction_type)
         if not has_prediction_type:
             logger.info("PeRFlow: %s has no perflow.prediction_type; using %s for this model family", ckpt_name, default_prediction_type(model.model))
-        return io.NodeOutput(model, clip, vae, choice)
+        return io.NodeOutput(model, clip, vae, choice, ui=ui.PreviewText(settings_text(choice, model.model)))
 
 
 def diffusers_to_comfy_keys(model) -> dict[str, str]:
@@ -132,8 +133,8 @@ class PerflowApplyDeltaNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowApplyDelta",
             display_name="Apply PeRFlow Delta Weights",
-            category="loaders",
-            description="Turns an SD1.5 model into PeRFlow by adding the released delta weights (W = W_base + strength * dW, "
+            category="PeRFlow/loaders",
+            description="Turns an SD1.5 model into PeRFlow (piecewise rectified flow) by adding the released delta weights (W = W_base + strength * dW, "
             "hansyan/perflow-sd15-delta-weights), as a model patch: no full copy of the weights.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.5 model (any fine-tune)."),

@@ -6,18 +6,31 @@ import comfy.sample
 import comfy.utils
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..perflow_core.k_sampling import ModelSpace, perflow_sigmas
+from .display import settings_text, timesteps_text
 from .glue import PerflowChoice, choice_or_default, perflow_ksampler
 from .settings_node import optional_perflow_input
 
-def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None):
+SAMPLER_TIMESTEPS_NOTE = "timesteps: shown on the PeRFlow Scheduler (they depend on the model, steps and denoise)"
+
+
+def model_space(model) -> ModelSpace:
     try:
-        space = ModelSpace.of(model.get_model_object("model_sampling"))
+        return ModelSpace.of(model.get_model_object("model_sampling"))
     except ValueError as error:
         raise ValueError(f"model: {error}") from None
-    return perflow_sigmas(space, choice_or_default(perflow).settings, steps, denoise)
+
+
+def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None):
+    return perflow_sigmas(model_space(model), choice_or_default(perflow).settings, steps, denoise)
+
+
+def sampling_text(model, sigmas, perflow: PerflowChoice | None) -> ui.PreviewText:
+    """What a node that knows the model shows: the timesteps the network sees and the settings, with an ``auto``
+    parameterisation resolved for this model."""
+    return ui.PreviewText(timesteps_text(model_space(model), sigmas) + "\n" + settings_text(choice_or_default(perflow), model.model))
 
 
 class PerflowSigmasNode(io.ComfyNode):
@@ -28,9 +41,9 @@ class PerflowSigmasNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowScheduler",
             display_name="PeRFlow Scheduler",
-            category="sampling/custom_sampling/schedulers",
-            description="The sigmas of PeRFlow's timestep grid (1000, 875, 750, ... for K = 4), for SamplerCustom / "
-            "SamplerCustomAdvanced with the PeRFlow Sampler.",
+            category="PeRFlow",
+            description="The sigmas of the piecewise rectified flow (PeRFlow) timestep grid (1000, 875, 750, ... for K = 4), for SamplerCustom / "
+            "SamplerCustomAdvanced with the PeRFlow Sampler. Shows the timesteps the network sees.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample; its noise schedule sets the sigmas."),
                 io.Int.Input("steps", default=4, min=1, max=1000, tooltip="Network calls; at least one per segment (4-8 for the released models)."),
@@ -49,9 +62,8 @@ class PerflowSigmasNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps: int, denoise: float, perflow=None) -> io.NodeOutput:
-        if denoise <= 0:
-            return io.NodeOutput(torch.FloatTensor([]))
-        return io.NodeOutput(sigmas_for(model, steps, denoise, perflow))
+        sigmas = torch.FloatTensor([]) if denoise <= 0 else sigmas_for(model, steps, denoise, perflow)
+        return io.NodeOutput(sigmas, ui=sampling_text(model, sigmas, perflow))
 
 
 class PerflowSamplerNode(io.ComfyNode):
@@ -60,8 +72,8 @@ class PerflowSamplerNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowSampler",
             display_name="PeRFlow Sampler",
-            category="sampling/custom_sampling/samplers",
-            description="PeRFlow's piecewise linear Euler sampler with theta, for SamplerCustom / SamplerCustomAdvanced "
+            category="PeRFlow",
+            description="The piecewise rectified flow (PeRFlow) sampler: piecewise linear Euler steps with theta, for SamplerCustom / SamplerCustomAdvanced "
             "and any guider. Use it with the PeRFlow Scheduler's sigmas.",
             inputs=[optional_perflow_input()],
             outputs=[io.Sampler.Output()],
@@ -69,7 +81,8 @@ class PerflowSamplerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, perflow=None) -> io.NodeOutput:
-        return io.NodeOutput(perflow_ksampler(choice_or_default(perflow)))
+        choice = choice_or_default(perflow)
+        return io.NodeOutput(perflow_ksampler(choice), ui=ui.PreviewText(settings_text(choice) + "\n" + SAMPLER_TIMESTEPS_NOTE))
 
 
 class PerflowKSamplerNode(io.ComfyNode):
@@ -78,8 +91,9 @@ class PerflowKSamplerNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowKSampler",
             display_name="PeRFlow KSampler",
-            category="sampling/custom_sampling/perflow",
-            description="All in one: PeRFlow sampling with CFG, like the stock KSampler.",
+            category="PeRFlow",
+            description="All in one: piecewise rectified flow (PeRFlow) sampling with CFG, like the stock KSampler. "
+            "Shows the timesteps the network sees.",
             inputs=[
                 io.Model.Input("model", tooltip="The PeRFlow model."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Noise seed."),
@@ -99,7 +113,7 @@ class PerflowKSamplerNode(io.ComfyNode):
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         if denoise <= 0:
-            return io.NodeOutput(latent)
+            return io.NodeOutput(latent, ui=sampling_text(model, torch.FloatTensor([]), perflow))
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         sigmas = sigmas_for(model, steps, denoise, perflow)
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
@@ -117,4 +131,4 @@ class PerflowKSamplerNode(io.ComfyNode):
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
             seed=seed,
         )
-        return io.NodeOutput(latent)
+        return io.NodeOutput(latent, ui=sampling_text(model, sigmas, perflow))

@@ -48,8 +48,8 @@ class PerflowSettingsNode(io.ComfyNode):
         return io.Schema(
             node_id="PerflowSettings",
             display_name="PeRFlow Settings",
-            category="sampling/custom_sampling/perflow",
-            description="PeRFlow's segments (time windows), the learned correction theta and the parameterisation, "
+            category="PeRFlow",
+            description="Piecewise rectified flow (PeRFlow) settings: the segments (time windows), the learned correction theta and the parameterisation, "
             "for the PeRFlow Scheduler, Sampler and KSampler. The defaults are the original PeRFlow.",
             inputs=[
                 io.Combo.Input(

@@ -134,6 +134,28 @@ class PerflowSettings:
         values = ", ".join(f"{f}={self._plain(f)!r}" for f in FIELD_NAMES)
         return f"PerflowSettings({values})"
 
+    def __str__(self) -> str:
+        return self.describe()
+
+    def describe(self, parameterisation: Optional[str] = None) -> str:
+        """The settings as plain lines for a person (a node's text, Preview Any): parameterisation (or the text
+        given for it), K and the boundaries, one theta row per segment in the form the theta input accepts."""
+        segments = self.build_segments()
+        layout = "uniform" if self.segment_boundaries is None else "custom"
+        lines = [
+            f"parameterisation: {parameterisation or self.prediction_type}",
+            f"segments: K = {self.segments}, boundaries {_number_text(segments.boundaries)} ({layout})",
+            "theta (gain, window-end scale, output change), one row per segment:",
+            *(_number_text(row) for row in self._theta),
+        ]
+        if self.t_clean:
+            lines.append(f"t_clean: {self.t_clean:g}")
+        if self.img2img_start != "original":
+            lines.append(f"img2img_start: {self.img2img_start}")
+        if self.num_train_timesteps != DEFAULT_NUM_TRAIN_TIMESTEPS:
+            lines.append(f"num_train_timesteps: {self.num_train_timesteps}")
+        return "\n".join(lines)
+
     def replace(self, **changes: Any) -> "PerflowSettings":
         """A copy with some settings changed (validated like the constructor)."""
         unknown = sorted(set(changes) - set(FIELD_NAMES))
@@ -243,6 +265,11 @@ class PerflowSettings:
             accepted = ", ".join(CHECKPOINT_PREFIX + f for f in FIELD_NAMES)
             raise ValueError(f"unknown PeRFlow setting {', '.join((names or {}).get(k, k) for k in unknown)}; accepted are {accepted}")
         return cls(**{f: v for f, v in entries.items() if v is not None}, names=names)
+
+
+def _number_text(values: Any) -> str:
+    """Numbers as short text, comma separated (1000, 750, 0.05; no float64 repr)."""
+    return ", ".join(f"{float(v):g}" for v in values)
 
 
 # ------------------------------------------------------------------------------------- field checks

@@ -199,3 +199,23 @@ def test_run_txt2img_shows_the_generated_image(page):
     assert SCREENSHOT.stat().st_size > 10_000
     if os.environ.get("PERFLOW_UPDATE_DOCS_SCREENSHOT"):
         _write_docs_screenshot(png)
+
+
+NODE_TEXT_SCREENSHOT = ARTIFACTS / "comfyui_perflow_node_text.png"
+
+
+def test_perflow_nodes_show_their_text_after_a_run(page):
+    load_workflow(page, example_workflow("perflow_txt2img"), "PeRFlow txt2img")
+    close_dialogs(page)
+    queue_and_wait_for_image(page)
+    shown = page.evaluate(
+        """() => Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('Perflow'))
+        .map(n => [n.type, (n.widgets || []).find(w => w.name === 'perflow_text')?.value ?? null]))"""
+    )
+    assert shown["PerflowScheduler"].startswith("timesteps the network sees (4 steps): 1000, 750, 500, 250\nparameterisation: diff_eps")
+    assert "0.05, 0, 0" in shown["PerflowCheckpointLoader"] and "0.05, 0, 0" in shown["PerflowSampler"]
+    boxes = page.locator("textarea.perflow-node-text")
+    assert boxes.count() == 3 and boxes.first.is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(NODE_TEXT_SCREENSHOT))
+    assert not [line for line in page.perflow_log if "perflow_node_text" in line and line.startswith(("error", "pageerror"))]

@@ -34,6 +34,7 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     comfy,
     flat,
     interrupted_after_calls,
+    node_text,
     pack_core,
     parameter_counts,
     perflow_pack,
@@ -481,7 +482,7 @@ def test_steps_below_segments_are_raised_to_one_per_segment_with_a_warning(env, 
 
 def test_edm_model_is_refused_naming_model(env):
     edm_model = run_node(env.model_advanced.ModelSamplingContinuousEDM, model=env.model, sampling="eps", sigma_max=120.0, sigma_min=0.002)[0]
-    with pytest.raises(ValueError, match=r"^model"):
+    with pytest.raises(ValueError, match=r"^PeRFlow Scheduler: model"):
         run_node(env.nodes.PerflowSigmasNode, model=edm_model, steps=4, denoise=1.0, perflow=None)
     # The sampler refuses it as well, whatever sigmas it is given.
     sigmas = torch.tensor([14.6146, 4.0, 1.0, 0.3, 0.0])
@@ -743,7 +744,7 @@ def test_a_flow_model_with_multiplier_one_samples_on_the_perflow_grid(env):
 @pytest.mark.parametrize("filename", ["x" * 300, "theta\x00name"], ids=["300 characters", "NUL"])
 def test_a_save_file_name_that_cannot_be_a_file_is_refused_naming_filename(env, theta_folder, filename):
     choice = choice_for(env, "diff_eps")
-    with pytest.raises(ValueError, match="^filename must be a file name of at most 200 characters"):
+    with pytest.raises(ValueError, match="^Save PeRFlow Theta: filename must be a file name of at most 200 characters"):
         run_node(calibration_nodes(env).PerflowSaveThetaNode, perflow=choice, filename=filename, ckpt_name=calibration_nodes(env).NO_CHECKPOINT)
 
 
@@ -761,5 +762,113 @@ def test_a_combo_value_that_is_not_an_option_is_refused_naming_the_input(env, no
     module = calibration_nodes(env) if owner == "calibration" else getattr(env, owner)
     if "model" in inspect.signature(getattr(module, node_class).execute).parameters:
         inputs = {"model": env.model, **inputs}
-    with pytest.raises(ValueError, match=f"^{name} .* is not a file in models/"):
+    with pytest.raises(ValueError, match=f"^[^:]+: {name} .* is not a file in models/"):
         run_node(getattr(module, node_class), **inputs)
+
+
+# ------------------------------------------------------------------------- what the nodes show (issue 11)
+def shown_timesteps(text: str) -> list:
+    (line,) = [line for line in text.splitlines() if line.startswith("timesteps the network sees")]
+    return [float(t) for t in line.split(": ")[1].split(", ")]
+
+
+def ksampler_run(env, steps, perflow=None):
+    return env.nodes.PerflowKSamplerNode.execute(
+        model=env.model, seed=0, steps=steps, cfg=1.0, positive=env.positive, negative=env.negative,
+        latent_image={"samples": torch.zeros(LATENT_SHAPE)}, denoise=1.0, perflow=perflow,
+    )
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_ksampler_shows_the_timesteps_the_network_sees(env, steps):
+    with recorded_timesteps(env.model) as calls:
+        text = node_text(ksampler_run(env, steps))
+    assert shown_timesteps(text) == flat(calls) == [float(t) for t in GRIDS[steps]]
+
+
+def test_scheduler_shows_its_timesteps_and_what_auto_resolved_to(env):
+    text = node_text(env.nodes.PerflowSigmasNode.execute(model=env.model, steps=4, denoise=0.5, perflow=None))
+    assert shown_timesteps(text) == [float(t) for t in GRIDS[8][4:]]
+    assert "parameterisation: auto -> diff_eps for this model" in text
+
+
+def test_sampler_shows_its_settings_and_where_the_timesteps_are(env):
+    text = node_text(env.nodes.PerflowSamplerNode.execute(perflow=choice_for(env, "ddim_eps", THETA_TEXT)))
+    assert "parameterisation: ddim_eps" in text
+    assert "0.1, -0.05, 0.2\n-0.08, 0.03, -0.1\n0.05, 0.02, 0.15\n-0.12, -0.04, 0.05" in text
+    assert "shown on the PeRFlow Scheduler" in text
+
+
+def test_checkpoint_loader_shows_the_settings_read_from_the_file(env, checkpoints_folder):
+    path = checkpoints_folder / "tiny_shown.safetensors"
+    build_tiny_sd15_checkpoint(path, perflow={"theta": THETA_ROWS, "segment_boundaries": [1000, 700, 400, 150, 0], "prediction_type": "velocity"})
+    try:
+        text = node_text(env.loader_nodes.PerflowCheckpointLoaderNode.execute(ckpt_name=path.name))
+    finally:
+        path.unlink()
+    assert "parameterisation: velocity" in text
+    assert "segments: K = 4, boundaries 1000, 700, 400, 150, 0 (custom)" in text
+    assert "0.1, -0.05, 0.2" in text and "-0.12, -0.04, 0.05" in text
+
+
+def test_a_checkpoint_without_a_parameterisation_shows_what_auto_picked(env, checkpoints_folder, tiny_sd15_checkpoint):
+    link = checkpoints_folder / "plain_shown.safetensors"
+    link.symlink_to(tiny_sd15_checkpoint)
+    text = node_text(env.loader_nodes.PerflowCheckpointLoaderNode.execute(ckpt_name=link.name))
+    assert "parameterisation: auto -> diff_eps for this model" in text
+
+
+def test_preview_any_prints_a_perflow_value_as_readable_text(env):
+    from comfy_extras.nodes_preview_any import PreviewAny
+
+    choice = choice_for(env, "auto", THETA_TEXT)
+    (text,) = PreviewAny().main(source=choice)["ui"]["text"]
+    assert text.splitlines() == [
+        "parameterisation: auto (per model family: SD1.x diff_eps, SDXL ddim_eps, SD2.x-v and flow models velocity)",
+        "segments: K = 4, boundaries 1000, 750, 500, 250, 0 (uniform)",
+        "theta (gain, window-end scale, output change), one row per segment:",
+        "0.1, -0.05, 0.2",
+        "-0.08, 0.03, -0.1",
+        "0.05, 0.02, 0.15",
+        "-0.12, -0.04, 0.05",
+    ]
+
+
+def test_the_printed_theta_rows_paste_back_into_perflow_settings(env):
+    choice = choice_for(env, "diff_eps", THETA_TEXT)
+    rows = str(choice).split("one row per segment:\n")[1]
+    assert env.settings_node.build_choice("diff_eps", 4, "", rows).settings == choice.settings
+
+
+def karras_sigmas(env, steps):
+    return env.comfy.samplers.calculate_sigmas(env.model.get_model_object("model_sampling"), "karras", steps)
+
+
+def sample_with_sigmas(env, sigmas, choice=None):
+    sampler = run_node(env.nodes.PerflowSamplerNode, perflow=choice)[0]
+    guider = env.comfy.samplers.CFGGuider(env.model)
+    guider.set_conds(env.positive, env.negative)
+    guider.set_cfg(1.0)
+    return guider.sample(noise_tensor(1), torch.zeros(LATENT_SHAPE), sampler, sigmas)
+
+
+@pytest.mark.parametrize("segments", [1, 4])
+def test_sigmas_off_the_training_grid_stop_the_run_naming_sigmas(env, segments):
+    # With one segment no step crosses a boundary: only the grid check stands between karras and a silent snap.
+    choice = env.settings_node.build_choice("diff_eps", segments)
+    with recorded_timesteps(env.model) as calls:
+        with pytest.raises(ValueError, match=r"^sigmas: .* is not one of the model's training sigmas .* PeRFlow Scheduler's sigmas"):
+            sample_with_sigmas(env, karras_sigmas(env, 8), choice)
+    assert calls == []
+
+
+def test_a_stock_schedule_of_training_sigmas_on_the_boundaries_runs(env):
+    sigmas = env.comfy.samplers.calculate_sigmas(env.model.get_model_object("model_sampling"), "simple", 8)
+    with recorded_timesteps(env.model) as calls:
+        sample_with_sigmas(env, sigmas)
+    assert flat(calls) == [float(t) for t in GRIDS[8]]
+
+
+def test_errors_name_the_node_by_its_display_name(env):
+    with pytest.raises(ValueError, match=r"^PeRFlow Settings: theta"):
+        env.nodes.PerflowSettingsNode.execute(parameterisation="diff_eps", segments=4, boundaries="", theta="nan, 0, 0")

@@ -179,3 +179,20 @@ def test_segments_narrower_than_one_training_timestep_are_refused():
 def test_more_steps_than_training_timesteps_are_refused_naming_the_input():
     with pytest.raises(ValueError, match="steps=1001 is above num_train_timesteps=1000"):
         PerflowSettings().steps_for(1001)
+
+
+def test_settings_print_as_lines_a_person_reads():
+    settings = PerflowSettings(segment_boundaries=[999, 700, 400, 0], theta=[[0.1, 0, -0.25], [0, 0, 0], [1e-7, 2, 0]], t_clean=0.01)
+    assert str(settings).splitlines() == [
+        "parameterisation: ddim_eps",
+        "segments: K = 3, boundaries 1000, 700, 400, 0 (custom)",
+        "theta (gain, window-end scale, output change), one row per segment:",
+        "0.1, 0, -0.25",
+        "0, 0, 0",
+        "1e-07, 2, 0",
+        "t_clean: 0.01",
+    ]
+
+
+def test_the_parameterisation_line_can_say_how_it_was_chosen():
+    assert PerflowSettings().describe("auto -> velocity").splitlines()[0] == "parameterisation: auto -> velocity"

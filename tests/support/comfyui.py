@@ -10,6 +10,7 @@
   a process without ComfyUI (the server tests). The ComfyUI tests never import the top-level ``perflow_core``:
   the code is loaded once, as the pack.
 * ``recorded_timesteps(model)`` / ``flat(calls)``: the timesteps the diffusion network itself receives.
+* ``run_node(node, **inputs)`` / ``node_text(node.execute(...))``: a node's outputs / the text it shows on the node.
 * session fixtures ``tiny_sd15_checkpoint`` (built once per session), ``comfy``, ``perflow_pack`` and
   ``tiny_sd15`` (MODEL, CLIP, VAE loaded from the tiny checkpoint). Import them into a test module.
 * ``model_folder(name, path)`` / ``output_directory(path)``: a ComfyUI model folder or the output folder pointed at a
@@ -395,6 +396,13 @@ def load_checkpoint(path) -> Tuple[Any, Any, Any]:
 def node_output(result) -> tuple:
     """The outputs of a node's execute: a V3 ``io.NodeOutput`` (``.result``) or a V1 tuple."""
     return tuple(result.result) if hasattr(result, "result") else tuple(result)
+
+
+def node_text(result) -> str:
+    """The text a V3 node's ``io.NodeOutput`` shows on the node (its ``ui`` ``text`` entries), as ComfyUI sends it."""
+    assert result.ui is not None, "the node returned no ui output"
+    ui = result.ui if isinstance(result.ui, dict) else result.ui.as_dict()
+    return "".join(ui["text"])
 
 
 def run_node(node_class, *args, **kwargs) -> tuple:
