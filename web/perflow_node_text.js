@@ -36,14 +36,45 @@ function showText(node, text) {
   node.setDirtyCanvas?.(true, true);
 }
 
+const perflowTypes = new Set();
+let runningPromptId = null;
+
+function showOwnText(node, output) {
+  if (Array.isArray(output?.text) && output.text.length) showText(node, output.text.join("\n"));
+}
+
+// A node ComfyUI serves from its cache gets no `executed` message (only output nodes do), but the prompt's history
+// holds every node's ui output: read it when the prompt has finished (`executing` with no node comes after the
+// history is written).
+async function showTextsFromHistory(promptId) {
+  const response = await app.api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
+  if (!response.ok) return;
+  const outputs = (await response.json())[promptId]?.outputs ?? {};
+  for (const node of app.graph?._nodes ?? []) {
+    if (perflowTypes.has(node.type) && outputs[String(node.id)]) showOwnText(node, outputs[String(node.id)]);
+  }
+}
+
 app.registerExtension({
   name: "PeRFlow.NodeText",
+  setup() {
+    app.api.addEventListener("execution_start", ({ detail }) => {
+      runningPromptId = detail?.prompt_id ?? null;
+    });
+    app.api.addEventListener("executing", ({ detail }) => {
+      if (detail !== null || !runningPromptId) return;
+      const promptId = runningPromptId;
+      runningPromptId = null;
+      showTextsFromHistory(promptId).catch((error) => console.warn("PeRFlow: no node text from the history", error));
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!String(nodeData?.category ?? "").startsWith("PeRFlow")) return;
+    perflowTypes.add(nodeData.name);
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
-      if (Array.isArray(output?.text) && output.text.length) showText(this, output.text.join("\n"));
+      showOwnText(this, output);
     };
   },
 });

@@ -204,18 +204,40 @@ def test_run_txt2img_shows_the_generated_image(page):
 NODE_TEXT_SCREENSHOT = ARTIFACTS / "comfyui_perflow_node_text.png"
 
 
-def test_perflow_nodes_show_their_text_after_a_run(page):
-    load_workflow(page, example_workflow("perflow_txt2img"), "PeRFlow txt2img")
+def twelve_step_txt2img() -> dict:
+    """The txt2img example at a step count no other test queues (ComfyUI sends no `executed` for a cached node)."""
+    workflow = example_workflow("perflow_txt2img")
+    (scheduler,) = [node for node in workflow["nodes"] if node["type"] == "PerflowScheduler"]
+    scheduler["widgets_values"][0] = 12
+    return workflow
+
+
+def run_and_read_node_texts(page, workflow: dict, name: str) -> dict:
+    load_workflow(page, workflow, name)
     close_dialogs(page)
     queue_and_wait_for_image(page)
-    shown = page.evaluate(
-        """() => Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('Perflow'))
-        .map(n => [n.type, (n.widgets || []).find(w => w.name === 'perflow_text')?.value ?? null]))"""
+    page.wait_for_function(
+        "() => app.graph._nodes.filter(n => n.type.startsWith('Perflow')).every(n => (n.widgets || []).some(w => w.name === 'perflow_text'))",
+        timeout=10_000,
     )
-    assert shown["PerflowScheduler"].startswith("timesteps the network sees (4 steps): 1000, 750, 500, 250\nparameterisation: diff_eps")
-    assert "0.05, 0, 0" in shown["PerflowCheckpointLoader"] and "0.05, 0, 0" in shown["PerflowSampler"]
-    boxes = page.locator("textarea.perflow-node-text")
-    assert boxes.count() == 3 and boxes.first.is_visible()
+    return page.evaluate(
+        """() => Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('Perflow'))
+        .map(n => [n.type, n.widgets.find(w => w.name === 'perflow_text').value]))"""
+    )
+
+
+def test_the_scheduler_shows_the_timesteps_on_the_node_after_a_run(page):
+    shown = run_and_read_node_texts(page, twelve_step_txt2img(), "PeRFlow txt2img, 12 steps")
+    assert shown["PerflowScheduler"].startswith("timesteps the network sees (12 steps): 1000, 916, 833, 750, 666, 583, 500, 416, 333, 250, 166, 83\n")
+    assert "parameterisation: diff_eps" in shown["PerflowScheduler"]
+    assert page.locator("textarea.perflow-node-text").first.is_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(NODE_TEXT_SCREENSHOT))
     assert not [line for line in page.perflow_log if "perflow_node_text" in line and line.startswith(("error", "pageerror"))]
+
+
+def test_nodes_served_from_the_cache_show_their_text_too(page):
+    # The same graph again, in a new tab: every node comes from ComfyUI's cache; the text comes from the history.
+    shown = run_and_read_node_texts(page, twelve_step_txt2img(), "PeRFlow txt2img, 12 steps, again")
+    assert shown["PerflowScheduler"].startswith("timesteps the network sees (12 steps): 1000, 916,")
+    assert "0.05, 0, 0" in shown["PerflowCheckpointLoader"] and "0.05, 0, 0" in shown["PerflowSampler"]
