@@ -68,6 +68,14 @@ app.registerExtension({
       showTextsFromHistory(promptId).catch((error) => console.warn("PeRFlow: no node text from the history", error));
     });
   },
+  // The node search matches names, display names and (newer frontends) search_aliases, never descriptions.
+  addCustomNodeDefs(defs) {
+    for (const def of Object.values(defs)) {
+      if (String(def?.category ?? "").startsWith("PeRFlow")) {
+        def.search_aliases = [...(def.search_aliases ?? []), "piecewise rectified flow"];
+      }
+    }
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!String(nodeData?.category ?? "").startsWith("PeRFlow")) return;
     perflowTypes.add(nodeData.name);
