@@ -203,7 +203,7 @@ def test_auto_parameterisation_is_saved_as_the_model_familys(second_save):
 def test_a_bad_filename_prefix_is_refused_naming_it(saved, tiny_sd15, prefix):
     model, clip, vae = tiny_sd15
     before = sorted(saved.output.rglob("*"))
-    with pytest.raises(ValueError, match="^filename_prefix"):
+    with pytest.raises(ValueError, match="^Save PeRFlow Checkpoint: filename_prefix"):
         save(model, clip, vae, saved.choice, prefix=prefix)
     assert sorted(saved.output.rglob("*")) == before
 
@@ -213,5 +213,5 @@ def test_a_model_with_patched_sampling_is_refused_naming_model(saved, tiny_sd15)
 
     model, clip, vae = tiny_sd15
     v_model = run_node(model_advanced.ModelSamplingDiscrete, model=model, sampling="v_prediction", zsnr=False)[0]
-    with pytest.raises(ValueError, match="^model: its sampling is patched"):
+    with pytest.raises(ValueError, match="^Save PeRFlow Checkpoint: model: its sampling is patched"):
         save(v_model, clip, vae, saved.choice)

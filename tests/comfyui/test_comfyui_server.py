@@ -197,7 +197,7 @@ def test_save_checkpoint_outside_the_output_folder_gives_an_error_naming_filenam
     assert entry["status"]["status_str"] == "error"
     error = _execution_error(entry)
     assert error["node_type"] == "PerflowSaveCheckpoint", error
-    assert error["exception_message"].startswith("filename_prefix '../outside/perflow'"), error["exception_message"]
+    assert error["exception_message"].startswith("Save PeRFlow Checkpoint: filename_prefix '../outside/perflow'"), error["exception_message"]
     assert not (comfy_server.output_dir.parent / "outside").exists()
 
 
