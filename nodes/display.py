@@ -12,14 +12,15 @@ from ..perflow_core.k_sampling import ModelSpace, sampling_timesteps
 AUTO_RULE = "auto (per model family: SD1.x diff_eps, SDXL ddim_eps, SD2.x-v and flow models velocity)"
 
 
-def settings_text(choice: Any, base_model: Any = None) -> str:
-    """A PERFLOW value (``PerflowChoice``) as plain lines: with ``base_model`` (``MODEL.model``) an ``auto``
-    parameterisation is shown with what it resolves to for that model."""
+def settings_text(choice: Any, model: Any = None) -> str:
+    """A PERFLOW value (``PerflowChoice``) as plain lines: with ``model`` (a MODEL) an ``auto`` parameterisation is
+    shown with what it resolves to for that model as it samples (its patched model_sampling, if any)."""
     if not choice.auto_prediction_type:
         return choice.settings.describe()
-    if base_model is None:
+    if model is None:
         return choice.settings.describe(AUTO_RULE)
-    return choice.settings.describe(f"auto -> {choice.resolved_for(base_model).prediction_type} for this model")
+    resolved = choice.resolved_for(model.model, model.get_model_object("model_sampling"))
+    return choice.settings.describe(f"auto -> {resolved.prediction_type} for this model")
 
 
 def timesteps_text(space: ModelSpace, sigmas: Any) -> str:

@@ -26,10 +26,10 @@ class PerflowChoice:
     settings: PerflowSettings
     auto_prediction_type: bool = False
 
-    def resolved_for(self, base_model: Any) -> PerflowSettings:
+    def resolved_for(self, base_model: Any, model_sampling: Any = None) -> PerflowSettings:
         if not self.auto_prediction_type:
             return self.settings
-        return self.settings.replace(prediction_type=default_prediction_type(base_model))
+        return self.settings.replace(prediction_type=default_prediction_type(base_model, model_sampling))
 
     def __str__(self) -> str:  # what Preview Any prints
         return settings_text(self)
@@ -45,10 +45,11 @@ def choice_or_default(choice: Optional[PerflowChoice]) -> PerflowChoice:
     return choice if choice is not None else default_choice()
 
 
-def default_prediction_type(base_model: Any) -> str:
+def default_prediction_type(base_model: Any, model_sampling: Any = None) -> str:
     """The released PeRFlow models' parameterisation for a model family: SDXL ddim_eps, SD2.x-v and flow
-    models velocity, other eps models (SD1.x) diff_eps."""
-    space = ModelSpace.of(base_model.model_sampling)
+    models velocity, other eps models (SD1.x) diff_eps. ``model_sampling``: the one the model samples with when
+    a patch replaces the base model's (a MODEL's ``get_model_object("model_sampling")``; applied while sampling)."""
+    space = ModelSpace.of(base_model.model_sampling if model_sampling is None else model_sampling)
     if space.kind in ("v", "flow"):
         return "velocity"
     return "ddim_eps" if "SDXL" in type(base_model).__name__ else "diff_eps"

@@ -94,7 +94,7 @@ class PerflowCheckpointLoaderNode(io.ComfyNode):
         choice = PerflowChoice(settings, auto_prediction_type=not has_prediction_type)
         if not has_prediction_type:
             logger.info("PeRFlow: %s has no perflow.prediction_type; using %s for this model family", ckpt_name, default_prediction_type(model.model))
-        return io.NodeOutput(model, clip, vae, choice, ui=ui.PreviewText(settings_text(choice, model.model)))
+        return io.NodeOutput(model, clip, vae, choice, ui=ui.PreviewText(settings_text(choice, model)))
 
 
 def diffusers_to_comfy_keys(model) -> dict[str, str]:
@@ -259,5 +259,5 @@ class PerflowDiffusersLoaderNode(io.ComfyNode):
         vae = read_named("model_path", f"{model_path}/vae", lambda: comfy.sd.VAE(sd=vae_weights))
         if settings is None:
             logger.info("PeRFlow: %s has no PeRFlow scheduler config; using K = 4 and the released models' parameterisation for its family", model_path)
-            return io.NodeOutput(model, clip, vae, default_choice())
-        return io.NodeOutput(model, clip, vae, PerflowChoice(settings))
+        choice = default_choice() if settings is None else PerflowChoice(settings)
+        return io.NodeOutput(model, clip, vae, choice, ui=ui.PreviewText(settings_text(choice, model)))

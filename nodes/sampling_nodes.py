@@ -30,7 +30,7 @@ def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None)
 def sampling_text(model, sigmas, perflow: PerflowChoice | None) -> ui.PreviewText:
     """What a node that knows the model shows: the timesteps the network sees and the settings, with an ``auto``
     parameterisation resolved for this model."""
-    return ui.PreviewText(timesteps_text(model_space(model), sigmas) + "\n" + settings_text(choice_or_default(perflow), model.model))
+    return ui.PreviewText(timesteps_text(model_space(model), sigmas) + "\n" + settings_text(choice_or_default(perflow), model))
 
 
 class PerflowSigmasNode(io.ComfyNode):

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from support.comfyui import PACK_NAME, comfy, flat, model_folder, pack_core, perflow_pack, recorded_timesteps, requires_comfyui, run_node  # noqa: F401
+from support.comfyui import PACK_NAME, comfy, flat, model_folder, node_output, node_text, pack_core, perflow_pack, recorded_timesteps, requires_comfyui, run_node  # noqa: F401
 from support.diffusers_folders import (
     COMFY_MODEL_CONFIGS,
     ORIGINAL_PERFLOW_SCHEDULER,
@@ -66,13 +66,14 @@ def loader(perflow_pack):
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
 def loaded(request, diffusers_root, loader):
-    """(folder name, MODEL, CLIP, VAE, PERFLOW) of one folder, loaded once for the tests that use it."""
+    """(folder name, MODEL, CLIP, VAE, PERFLOW, the text on the node) of one folder, loaded once for the tests that use it."""
     import comfy.model_management
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    outputs = run_node(loader, model_path=request.param)
-    yield (request.param, *outputs)
+    result = loader.execute(model_path=request.param)
+    outputs = node_output(result)
+    yield (request.param, *outputs, node_text(result))
     del outputs
     comfy.model_management.unload_all_models()
     gc.collect()
@@ -94,7 +95,7 @@ def test_the_node_offers_every_folder_holding_a_model_index(diffusers_root, load
 
 
 def test_comfyui_detects_each_family(loaded):
-    name, model, clip, vae, _ = loaded
+    name, model, clip, vae, _, _ = loaded
     assert type(model.model.model_config).__name__ == COMFY_MODEL_CONFIGS[FOLDERS[name].family]
     ModelSpace = pack_core("k_sampling").ModelSpace
     assert ModelSpace.of(model.get_model_object("model_sampling")).kind == EXPECTED[name][0]
@@ -102,7 +103,7 @@ def test_comfyui_detects_each_family(loaded):
 
 
 def test_perflow_output_is_the_scheduler_config_or_the_family_default(loaded):
-    name, _, _, _, choice = loaded
+    name, _, _, _, choice, _ = loaded
     settings = pack_core().PerflowSettings(**EXPECTED[name][1])
     if FOLDERS[name].scheduler["_class_name"] == "PeRFlowScheduler":
         assert choice.settings == settings and not choice.auto_prediction_type
@@ -111,7 +112,7 @@ def test_perflow_output_is_the_scheduler_config_or_the_family_default(loaded):
 
 
 def test_the_network_sees_the_settings_timesteps(loaded):
-    name, model, _, _, choice = loaded
+    name, model, _, _, choice, _ = loaded
     _, settings, steps, timesteps = EXPECTED[name]
     with recorded_timesteps(model) as calls:
         samples = perflow_ksampler(model, FOLDERS[name].family, choice, steps)
@@ -119,6 +120,13 @@ def test_the_network_sees_the_settings_timesteps(loaded):
     assert torch.isfinite(samples).all()
     explicit = importlib.import_module(PACK_NAME + ".nodes.glue").PerflowChoice(pack_core().PerflowSettings(**settings))
     assert torch.equal(samples, perflow_ksampler(model, FOLDERS[name].family, explicit, steps))
+
+
+def test_the_node_shows_the_settings_it_read(loaded):
+    name, _, _, _, choice, text = loaded
+    settings = pack_core().PerflowSettings(**EXPECTED[name][1])
+    parameterisation = f"auto -> {settings.prediction_type} for this model" if choice.auto_prediction_type else None
+    assert text == settings.describe(parameterisation)
 
 
 def test_the_vae_decodes(loaded):
@@ -146,7 +154,7 @@ def _refused(loader, name):
     with pytest.raises(ValueError) as raised:
         run_node(loader, model_path=name)
     message = str(raised.value)
-    assert message.startswith(f"model_path {name!r}"), message
+    assert message.startswith(f"Load PeRFlow Diffusers Model: model_path {name!r}"), message
     return message
 
 

@@ -792,6 +792,12 @@ def test_scheduler_shows_its_timesteps_and_what_auto_resolved_to(env):
     assert "parameterisation: auto -> diff_eps for this model" in text
 
 
+def test_auto_is_shown_for_the_sampling_a_patch_gives_the_model(env):
+    v_model = run_node(env.model_advanced.ModelSamplingDiscrete, model=env.model, sampling="v_prediction", zsnr=False)[0]
+    text = node_text(env.nodes.PerflowSigmasNode.execute(model=v_model, steps=4, denoise=1.0, perflow=None))
+    assert "parameterisation: auto -> velocity for this model" in text
+
+
 def test_sampler_shows_its_settings_and_where_the_timesteps_are(env):
     text = node_text(env.nodes.PerflowSamplerNode.execute(perflow=choice_for(env, "ddim_eps", THETA_TEXT)))
     assert "parameterisation: ddim_eps" in text
