@@ -35,11 +35,14 @@ from support.server import (
     expected_console_error,
     load_workflow,
     open_app,
+    newest_frontend_root,
     probe_recorder,
     queue_and_wait_for_image,
     release_files_in_place,
     requires_browser,
     requires_comfyui,
+    separate_user_directory,
+    start_server,
     tiny_workflow,
 )
 from support.models import EXAMPLE_MODELS, SIZES
@@ -71,19 +74,28 @@ def test_frontend_version_and_nodes_registered(page):
     assert not missing, f"not registered in the frontend: {sorted(missing)}"
 
 
-def test_node_search_lists_the_perflow_nodes(page):
+def search_nodes(page, query: str, result_selector: str = "li.p-autocomplete-option") -> list:
+    """Type ``query`` into the node search (double click on an empty canvas); returns the results' texts (each
+    frontend draws them differently: ``result_selector``)."""
     page.evaluate("() => app.graph.clear()")
     close_dialogs(page)
     canvas = page.locator("#graph-canvas").bounding_box()
     page.mouse.dblclick(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
-    search = page.locator(".comfy-vue-node-search-box input").first
-    search.wait_for(state="visible", timeout=10_000)
-    page.keyboard.type("PeRFlow", delay=30)
-    options = page.locator("li.p-autocomplete-option")
+    page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'INPUT'", timeout=10_000)
+    page.keyboard.type(query, delay=30)
+    options = page.locator(result_selector)
     options.first.wait_for(state="visible", timeout=10_000)
     page.wait_for_timeout(500)
-    texts = options.all_inner_texts()
-    listed = [text.split("\n")[0].replace("\xa0", " ").strip() for text in texts]
+    return options.all_inner_texts()
+
+
+def listed_names(texts: list) -> list:
+    return [text.split("\n")[0].replace("\xa0", " ").strip() for text in texts]
+
+
+def test_node_search_lists_the_perflow_nodes(page):
+    texts = search_nodes(page, "PeRFlow")
+    listed = listed_names(texts)
     for name in SEARCH_DISPLAY_NAMES:
         assert name in listed, f"{name!r} not in the search results {listed}"
     assert all(PACK_NAME in text for text in texts[: len(SEARCH_DISPLAY_NAMES)]), texts
@@ -206,7 +218,7 @@ NODE_TEXT_SCREENSHOT = ARTIFACTS / "comfyui_perflow_node_text.png"
 
 def twelve_step_txt2img() -> dict:
     """The txt2img example at a step count no other test queues (ComfyUI sends no `executed` for a cached node)."""
-    workflow = example_workflow("perflow_txt2img")
+    workflow = tiny_workflow("perflow_txt2img")
     (scheduler,) = [node for node in workflow["nodes"] if node["type"] == "PerflowScheduler"]
     scheduler["widgets_values"][0] = 12
     return workflow
@@ -241,3 +253,20 @@ def test_nodes_served_from_the_cache_show_their_text_too(page):
     shown = run_and_read_node_texts(page, twelve_step_txt2img(), "PeRFlow txt2img, 12 steps, again")
     assert shown["PerflowScheduler"].startswith("timesteps the network sees (12 steps): 1000, 916,")
     assert "0.05, 0, 0" in shown["PerflowCheckpointLoader"] and "0.05, 0, 0" in shown["PerflowSampler"]
+
+
+def test_the_newest_frontend_finds_the_nodes_by_piecewise_rectified_flow(browser, comfy_server):
+    # Node search matches names and search aliases, never descriptions: the pack's script adds the alias. The pinned
+    # frontend (1.27.10) searches no aliases.
+    root = newest_frontend_root()
+    if root is None:
+        pytest.fail("the newest frontend is not installed beside ComfyUI's venv (tools/run_tests.py installs it)")
+    user = separate_user_directory(comfy_server.base, "user-search-alias")
+    server = start_server(comfy_server.base, front_end_root=root, user_directory=user, log_name="comfyui_server_search_alias.log")
+    try:
+        page = open_app(browser, server.url)
+        listed = listed_names(search_nodes(page, "piecewise", "[role=option]"))
+        page.close()
+    finally:
+        server.stop()
+    assert set(SEARCH_DISPLAY_NAMES) <= set(listed), listed
