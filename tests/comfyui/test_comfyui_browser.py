@@ -83,10 +83,12 @@ def search_nodes(page, query: str, result_selector: str = "li.p-autocomplete-opt
     page.mouse.dblclick(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
     page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'INPUT'", timeout=10_000)
     page.keyboard.type(query, delay=30)
-    options = page.locator(result_selector)
-    options.first.wait_for(state="visible", timeout=10_000)
+    # The results come in as the search runs: wait for at least as many as there are PeRFlow nodes.
+    page.wait_for_function(
+        "([selector, count]) => document.querySelectorAll(selector).length >= count", arg=[result_selector, len(SEARCH_DISPLAY_NAMES)], timeout=30_000
+    )
     page.wait_for_timeout(500)
-    return options.all_inner_texts()
+    return page.locator(result_selector).all_inner_texts()
 
 
 def listed_names(texts: list) -> list:
