@@ -62,6 +62,15 @@ def txt2img(seed: int) -> dict:
     return prompt
 
 
+def with_perflow_loader(prompt: dict) -> dict:
+    """The prompt's stock checkpoint loader replaced by Load PeRFlow Checkpoint, its settings fed to the Scheduler and Sampler."""
+    (loader,) = nodes_of_type(prompt, "CheckpointLoaderSimple")
+    prompt[loader]["class_type"] = "PerflowCheckpointLoader"
+    for node_id in nodes_of_type(prompt, "PerflowScheduler") + nodes_of_type(prompt, "PerflowSampler"):
+        prompt[node_id]["inputs"]["perflow"] = [loader, 3]
+    return prompt
+
+
 def with_stock_scheduler(prompt: dict, scheduler: str, steps: int) -> dict:
     (node_id,) = nodes_of_type(prompt, "PerflowScheduler")
     model = prompt[node_id]["inputs"]["model"]
@@ -70,7 +79,7 @@ def with_stock_scheduler(prompt: dict, scheduler: str, steps: int) -> dict:
 
 
 def test_the_result_of_a_prompt_carries_the_text_each_node_shows(comfy_server):
-    prompt = txt2img(seed=101)
+    prompt = with_perflow_loader(txt2img(seed=101))
     entry = comfy_server.run(prompt)
     assert entry["status"]["status_str"] == "success"
     (loader,), (scheduler,), (sampler,) = (nodes_of_type(prompt, t) for t in ("PerflowCheckpointLoader", "PerflowScheduler", "PerflowSampler"))
