@@ -141,7 +141,7 @@ class PerflowApplyDeltaNode(io.ComfyNode):
                 io.Combo.Input(
                     "delta_name",
                     options=DELTAS.options(),
-                    tooltip="A diffusers-format UNet delta in models/perflow_deltas (e.g. the release's diffusion_pytorch_model.safetensors, renamed).",
+                    tooltip="A diffusers-format UNet delta in models/perflow_deltas (e.g. the release's diffusion_pytorch_model.v0-1.safetensors, under its own name).",
                 ),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="Scale of the delta; 1 is the release."),
             ],
