@@ -74,14 +74,26 @@ def test_frontend_version_and_nodes_registered(page):
     assert not missing, f"not registered in the frontend: {sorted(missing)}"
 
 
+def open_node_search(page, attempts: int = 3) -> None:
+    """Double click on the empty canvas until the search box has the focus (a first-run dialog or a slow first paint
+    can take the first click on a loaded machine)."""
+    for attempt in range(attempts):
+        close_dialogs(page)
+        canvas = page.locator("#graph-canvas").bounding_box()
+        page.mouse.dblclick(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
+        try:
+            page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'INPUT'", timeout=10_000)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+
+
 def search_nodes(page, query: str, result_selector: str = "li.p-autocomplete-option") -> list:
     """Type ``query`` into the node search (double click on an empty canvas); returns the results' texts (each
     frontend draws them differently: ``result_selector``)."""
     page.evaluate("() => app.graph.clear()")
-    close_dialogs(page)
-    canvas = page.locator("#graph-canvas").bounding_box()
-    page.mouse.dblclick(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
-    page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'INPUT'", timeout=10_000)
+    open_node_search(page)
     page.keyboard.type(query, delay=30)
     # The results come in as the search runs: wait for at least as many as there are PeRFlow nodes.
     page.wait_for_function(
