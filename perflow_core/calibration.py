@@ -459,9 +459,9 @@ def calibrate_theta(
     else:
         check_solver(teacher_solver, settings)
     on_grid = teacher is None and (fit_boundaries or teacher_solver != "perflow")
-    grid = fine_grid(plan, teacher_multiplier) if on_grid else []
-    default_teacher = perflow_teacher(model_fn, plan, teacher_multiplier) if teacher is None and not on_grid else None
-    teacher_calls = len(grid) - 1 if on_grid else int(getattr(teacher or default_teacher, "calls_per_sample", 0))
+    # The default teacher (the PeRFlow flow, or a solver on the same fine grid) calls the network once per grid step.
+    grid = fine_grid(plan, teacher_multiplier) if teacher is None else []
+    teacher_calls = len(grid) - 1 if teacher is None else int(getattr(teacher, "calls_per_sample", 0))
     planned = 3 * teacher_calls + 8 * len(plan) if fit_boundaries else planned_calls(plan, teacher_calls, refits)
     counted = CountedModel(model_fn, planned, progress)
     teacher_started = time.perf_counter()
