@@ -37,14 +37,13 @@ def with_named_errors(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
     execute = node.execute.__func__
     if getattr(execute, "names_errors", False):
         return node
-    display_name = node.define_schema().display_name
 
     @functools.wraps(execute)
     def named(cls, *args, **kwargs):
         try:
             return execute(cls, *args, **kwargs)
         except ValueError as error:
-            raise ValueError(f"{display_name}: {error}") from error
+            raise ValueError(f"{cls.define_schema().display_name}: {error}") from error
 
     named.names_errors = True
     node.execute = classmethod(named)

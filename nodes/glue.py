@@ -45,6 +45,14 @@ def choice_or_default(choice: Optional[PerflowChoice]) -> PerflowChoice:
     return choice if choice is not None else default_choice()
 
 
+def model_space(model: Any) -> ModelSpace:
+    """The sampling space of a MODEL as it samples (its patched model_sampling, if any), errors naming ``model``."""
+    try:
+        return ModelSpace.of(model.get_model_object("model_sampling"))
+    except ValueError as error:
+        raise ValueError(f"model: {error}") from None
+
+
 def default_prediction_type(base_model: Any, model_sampling: Any = None) -> str:
     """The released PeRFlow models' parameterisation for a model family: SDXL ddim_eps, SD2.x-v and flow
     models velocity, other eps models (SD1.x) diff_eps. ``model_sampling``: the one the model samples with when

@@ -8,19 +8,12 @@ import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
-from ..perflow_core.k_sampling import ModelSpace, perflow_sigmas
+from ..perflow_core.k_sampling import perflow_sigmas
 from .display import settings_text, timesteps_text
-from .glue import PerflowChoice, choice_or_default, perflow_ksampler
+from .glue import PerflowChoice, choice_or_default, model_space, perflow_ksampler
 from .settings_node import optional_perflow_input
 
 SAMPLER_TIMESTEPS_NOTE = "timesteps: shown on the PeRFlow Scheduler (they depend on the model, steps and denoise)"
-
-
-def model_space(model) -> ModelSpace:
-    try:
-        return ModelSpace.of(model.get_model_object("model_sampling"))
-    except ValueError as error:
-        raise ValueError(f"model: {error}") from None
 
 
 def sigmas_for(model, steps: int, denoise: float, perflow: PerflowChoice | None):

@@ -14,9 +14,9 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from ..perflow_core.checkpoint import write_once_under_free_name
-from ..perflow_core.k_sampling import ModelSpace, check_num_train_timesteps, check_parameterisation
+from ..perflow_core.k_sampling import check_num_train_timesteps, check_parameterisation
 from ..perflow_core.settings import PerflowSettings
-from .glue import MAX_FILE_STEM, PerflowChoice
+from .glue import MAX_FILE_STEM, PerflowChoice, model_space
 from .settings_node import Perflow
 
 DEFAULT_PREFIX = "checkpoints/PeRFlow"
@@ -30,10 +30,7 @@ def saved_settings(model, perflow: PerflowChoice) -> PerflowSettings:
             "model: its sampling is patched (e.g. by ModelSamplingDiscrete or ModelSamplingSD3), which a checkpoint file "
             "does not store; save the model without that patch and apply it after loading"
         )
-    try:
-        space = ModelSpace.of(model.model.model_sampling)
-    except ValueError as error:
-        raise ValueError(f"model: {error}") from None
+    space = model_space(model)
     settings = perflow.resolved_for(model.model)
     try:
         check_parameterisation(settings, space)

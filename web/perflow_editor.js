@@ -442,7 +442,6 @@ function addEditor(node) {
     getMaxHeight: () => EDITOR_HEIGHT,
     getHeight: () => EDITOR_HEIGHT,
   });
-  domWidget.serialize = false;
   for (const name of ["segments", "boundaries", "theta"]) {
     const target = widget(node, name);
     if (!target) continue;

@@ -47,11 +47,13 @@ function showOwnText(node, output) {
 // holds every node's ui output: read it when the prompt has finished (`executing` with no node comes after the
 // history is written).
 async function showTextsFromHistory(promptId) {
+  const nodes = (app.graph?._nodes ?? []).filter((node) => perflowTypes.has(node.type));
+  if (!nodes.length) return;
   const response = await app.api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
   if (!response.ok) return;
   const outputs = (await response.json())[promptId]?.outputs ?? {};
-  for (const node of app.graph?._nodes ?? []) {
-    if (perflowTypes.has(node.type) && outputs[String(node.id)]) showOwnText(node, outputs[String(node.id)]);
+  for (const node of nodes) {
+    if (outputs[String(node.id)]) showOwnText(node, outputs[String(node.id)]);
   }
 }
 
