@@ -74,7 +74,7 @@ class SegmentEditor {
     this.selected = 0;
     this.drag = null;
     this.root = html("div", { className: "perflow-segment-editor" });
-    Object.assign(this.root.style, { display: "flex", flexDirection: "column", gap: "3px", font: "11px sans-serif", color: "#ddd", width: "100%", height: "100%", boxSizing: "border-box" });
+    Object.assign(this.root.style, { display: "flex", flexDirection: "column", gap: "3px", font: "11px sans-serif", color: "#ddd", cursor: "default", width: "100%", height: "100%", boxSizing: "border-box" });
     // The editor handles its own presses and drags; the canvas (or the Vue node around it) must not see them, or it
     // drags the node. Moves that are not the editor's own drag pass (e.g. a link or node dragged across it).
     for (const type of ["pointerdown", "mousedown", "click", "dblclick", "contextmenu"]) {
@@ -458,8 +458,41 @@ function addEditor(node) {
   editor.render(true);
 }
 
+/** A frontend whose Vue nodes draw only their built-in widget types (1.27.10) puts the editor nowhere while the node
+ * is drawn as a DOM element: then the editor goes into that element after its widgets, in a host of its own, and
+ * back there whenever Vue redraws the node's body away (collapse, zooming out and in). Where the frontend places the
+ * editor itself (the canvas, Vue nodes with DOM widgets) nothing is done. */
+function placeInVueNode(node) {
+  const editor = node.perflowEditor;
+  if (editor.host && !editor.host.contains(editor.root)) editor.host.remove(); // the frontend took the editor
+  if (editor.root.isConnected) return;
+  const nodeElement = document.querySelector(`[data-node-id="${CSS.escape(String(node.id))}"]`);
+  const widgets = nodeElement?.querySelector(".lg-node-widgets");
+  if (!widgets) return; // not drawn as a DOM element, or drawn without its widgets
+  editor.host ??= vueNodeHost();
+  editor.host.replaceChildren(editor.root);
+  widgets.after(editor.host);
+  editor.render(true);
+}
+
+function vueNodeHost() {
+  const host = html("div", { className: "perflow-editor-host" });
+  Object.assign(host.style, { height: `${EDITOR_HEIGHT}px`, minWidth: "360px", padding: "0 16px", boxSizing: "border-box" });
+  return host;
+}
+
+function placeEditorsInVueNodes() {
+  const graph = app.canvas?.graph; // the graph on screen: its node ids are the ones the Vue nodes carry
+  for (const node of graph?.nodes ?? graph?._nodes ?? []) {
+    if (node.perflowEditor) placeInVueNode(node);
+  }
+}
+
 app.registerExtension({
   name: "perflow.SegmentEditor",
+  setup() {
+    new MutationObserver(placeEditorsInVueNodes).observe(document.body, { childList: true, subtree: true });
+  },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;

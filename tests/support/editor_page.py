@@ -131,6 +131,21 @@ def double_click_boundary(page, node_id: int, index: int) -> None:
     page.wait_for_timeout(200)
 
 
+def toggle_collapsed(page, node_id: int) -> None:
+    """Collapse the node, or expand it when collapsed (LiteGraph's collapse, which the canvas and Vue nodes follow)."""
+    page.evaluate("(id) => app.graph.getNodeById(id).collapse()", node_id)
+    page.wait_for_timeout(300)
+
+
+def vue_field_values(page, node_id: int) -> list[str]:
+    """The texts shown in a Vue node's own input fields (the editor's fields left out), in their order."""
+    return page.evaluate(
+        """(id) => [...document.querySelector(`[data-node-id="${id}"]`).querySelectorAll('input, textarea')]
+          .filter(field => !field.closest('.perflow-segment-editor')).map(field => field.value)""",
+        node_id,
+    )
+
+
 def theta_text_field(page, node_id: int):
     """The `theta` widget's text area as the user sees it (the canvas' DOM widget, or the Vue node's field)."""
     marked = page.evaluate(
