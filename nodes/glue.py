@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import comfy.patcher_extension
@@ -29,10 +30,16 @@ class PerflowChoice:
     def resolved_for(self, base_model: Any, model_sampling: Any = None) -> PerflowSettings:
         if not self.auto_prediction_type:
             return self.settings
-        return self.settings.replace(prediction_type=default_prediction_type(base_model, model_sampling))
+        return _with_prediction_type(self.settings, default_prediction_type(base_model, model_sampling))
 
     def __str__(self) -> str:  # what Preview Any prints
         return settings_text(self)
+
+
+@lru_cache(maxsize=64)
+def _with_prediction_type(settings: PerflowSettings, prediction_type: str) -> PerflowSettings:
+    """Kept: every run of an auto choice resolves it, and a validated copy costs more than the sampler's own steps."""
+    return settings.replace(prediction_type=prediction_type)
 
 
 def default_choice() -> PerflowChoice:

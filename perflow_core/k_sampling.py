@@ -3,9 +3,10 @@
 ComfyUI samples in its model's own space: for EPS and V-prediction models ``x = x0 + sigma * noise``
 (variance exploding) and the model returns the denoised x0 after CFG; for flow (CONST) models
 ``x = sigma * noise + (1 - sigma) * x0``. PeRFlow's path lives in the variance-preserving space
-``z = x / sqrt(1 + sigma^2)`` of the original scheduler, with the raw network output. ``ModelSpace``
-converts between them; the step itself is ``perflow_core.solver.perflow_step``, the same as the
-diffusers scheduler's.
+``z = x / sqrt(1 + sigma^2)`` of the original scheduler, with the raw network output. ``ModelSpace.frame``
+relates them at each sigma; the loop is ``perflow_core.sampling.run_plan``, the same steps as the diffusers
+scheduler's, with their coefficients rewritten once for ComfyUI's ``x`` and denoised x0 (``solver.Frame``), so
+no conversion costs an operation per step.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import trange
@@ -23,6 +23,7 @@ from .parameterization import path_noise_scales
 from .sampling import SamplingPlan, StepRecord, run_plan
 from .segments import BOUNDARY_TOLERANCE
 from .settings import PerflowSettings
+from .solver import Frame
 
 
 MODEL_KINDS = ("eps", "v", "flow")
@@ -108,63 +109,26 @@ class ModelSpace:
             return timestep / self.num_train_timesteps
         return float(self.sigmas[int(timestep) - 1])
 
-    def to_path(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return x if self.kind == "flow" else x / math.sqrt(1 + sigma**2)
-
-    def from_path(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        return z if self.kind == "flow" else z * math.sqrt(1 + sigma**2)
+    def frame(self, sigma: float) -> Frame:
+        """ComfyUI's sampling at ``sigma`` as a `Frame` of PeRFlow's: the latent ``x = sqrt(1 + sigma^2) z`` (flow:
+        ``x = z``) and the denoised x0 ``d`` the wrapped model returns, from which the raw network output is
+        ``(x - d) / sigma`` (V-prediction: ``x * factor - weight * d``; CFG mixes outputs linearly, so this holds after
+        CFG too)."""
+        if sigma <= 0:
+            return Frame()
+        scale = 1.0 if self.kind == "flow" else math.sqrt(1 + sigma**2)
+        if self.kind == "v":
+            weight = math.sqrt(sigma**2 + 1) / sigma
+            return Frame(scale, weight / (sigma**2 + 1), -weight)
+        return Frame(scale, 1 / sigma, -1 / sigma)
 
     def call(self, model: Callable[..., torch.Tensor], z: torch.Tensor, timestep: float, extra_args: Dict[str, Any]):
         """ComfyUI's wrapped ``model`` at PeRFlow's ``(z, timestep)``: ``(denoised, raw network output)``."""
-        return self.call_at(model, z, self.prepare_call(self.sigma_of(timestep), z), extra_args)[1:]
-
-    def prepare_call(self, sigma: float, like: torch.Tensor) -> "SigmaCall":
-        """A model call at ``sigma`` for samples like ``like``, prepared before a loop (see `SigmaCall`)."""
-        if self.kind == "v":
-            weight = math.sqrt(sigma**2 + 1) / sigma
-            factor = weight / (sigma**2 + 1)
-        else:
-            weight, factor = 1.0, sigma
-        batch = like.new_full((like.shape[0],), sigma)
-        return SigmaCall(sigma, batch, _scalar_for(math.sqrt(1 + sigma**2), like), _scalar_for(factor, like), weight)
-
-    def call_at(self, model: Callable[..., torch.Tensor], z: torch.Tensor, call: "SigmaCall", extra_args: Dict[str, Any]):
-        """`call` with the call prepared: ``(x, denoised, raw network output)``."""
-        x = z if self.kind == "flow" else z * call.rescale
-        denoised = model(x, call.batch, **extra_args)
-        return x, denoised, self.raw_output(x, call, denoised)
-
-    def raw_output(self, x: torch.Tensor, call: "SigmaCall", denoised: torch.Tensor) -> torch.Tensor:
-        """The network output recovered from ComfyUI's denoised x0 (CFG mixes both linearly)."""
-        if self.kind == "v":
-            return torch.add(x * call.factor, denoised, alpha=-call.weight)
-        return torch.sub(x, denoised).div_(call.factor)
-
-
-class SigmaCall(NamedTuple):
-    """One model call's sigma: the ``[B]`` tensor the model takes, ``rescale`` (``x = z * rescale``, not for flow)
-    and ``factor`` and ``weight`` of the raw output (``(x - denoised) / factor``; for V-prediction
-    ``x * factor - weight * denoised``)."""
-
-    sigma: float
-    batch: torch.Tensor
-    rescale: Union[float, torch.Tensor]
-    factor: Union[float, torch.Tensor]
-    weight: float
-
-
-def _scalar_for(value: float, like: torch.Tensor) -> Union[float, torch.Tensor]:
-    """``value`` as a factor of ``like``: a 0-d float32 CPU tensor for a float32 ``like`` (on any device; the same
-    bits as the Python number, which PyTorch would convert to a tensor at every operation), else the number."""
-    return _float32_scalar(value) if like.dtype == torch.float32 else value
-
-
-@lru_cache(maxsize=1024)
-def _float32_scalar(value: float) -> torch.Tensor:
-    """One shared read-only tensor per value: a schedule's factors are made once, not at every run (as a normal
-    tensor even when first made inside ComfyUI's inference mode, so a later run with gradients may use it)."""
-    with torch.inference_mode(False):
-        return torch.tensor(value, dtype=torch.float32)
+        sigma = self.sigma_of(timestep)
+        frame = self.frame(sigma)
+        x = z * frame.scale
+        denoised = model(x, z.new_full((z.shape[0],), sigma), **extra_args)
+        return denoised, frame.raw_output(x, denoised)
 
 
 def off_grid_error(sigma: float, nearest: float, timestep: int) -> ValueError:
@@ -192,21 +156,20 @@ def sampling_timesteps(space: ModelSpace, sigmas: torch.Tensor) -> List[float]:
     return timesteps
 
 
-def start_on_path(model: Any, x: torch.Tensor, space: ModelSpace, settings: PerflowSettings, step: Any) -> torch.Tensor:
-    """The first sample in PeRFlow's space.
+def start_in_frame(model: Any, x: torch.Tensor, space: ModelSpace, settings: PerflowSettings, step: Any, scale: float) -> torch.Tensor:
+    """The first sample, in ComfyUI's frame (``x = scale * z``).
 
     ComfyUI's noised latent, read in PeRFlow's space, is the original's start: pure noise for txt2img, and for
     img2img the DDPM marginal at the start's timestep, the original's ``add_noise``. Only with
     ``img2img_start="straight_path"`` is a start inside a segment put on the segment's straight path (see
     ``path_noise_scales``), when ComfyUI's clean latent and noise are at hand.
     """
-    sigma = space.sigma_of(step.t * space.num_train_timesteps)
     latent, noise = getattr(model, "latent_image", None), getattr(model, "noise", None)
     inside_segment = step.t < step.t_start
     if settings.img2img_start != "straight_path" or space.kind == "flow" or not inside_segment or latent is None or noise is None:
-        return space.to_path(x, sigma)
+        return x
     signal_scale, noise_scale = path_noise_scales(step)
-    return signal_scale * latent.to(x) + noise_scale * noise.to(x)
+    return (scale * signal_scale) * latent.to(x) + (scale * noise_scale) * noise.to(x)
 
 
 @torch.no_grad()
@@ -241,32 +204,31 @@ def sample_perflow(
     schedule = RunSchedule.of(space, settings, sigmas)
     if schedule is None:
         return x
-    plan, timesteps, sigma_at = schedule.plan, schedule.plan.timesteps, schedule.sigma_at
-    z = start_on_path(model, x, space, settings, plan.steps[0])
-    calls = {t: space.prepare_call(sigma_at[t], x) for t in timesteps}
-    last = {}  # the latest model call's input and denoised x0, for the callback
+    plan = schedule.plan
+    batches = {t: x.new_full((x.shape[0],), schedule.sigma_at[t]) for t in plan.timesteps}
 
-    def model_fn(z: torch.Tensor, timestep: float) -> torch.Tensor:
-        last["x"], last["denoised"], output = space.call_at(model, z, calls[timestep], extra_args)
-        return output
+    def model_fn(x: torch.Tensor, timestep: float) -> torch.Tensor:
+        return model(x, batches[timestep], **extra_args)
 
     def report(record: StepRecord) -> None:
         i = record.index
-        preview = last["denoised"] if space.kind == "flow" else record.result.pred_original_sample
-        callback({"x": last["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": preview})
+        sigma = sigmas[i]
+        preview = record.output if space.kind == "flow" else record.result.pred_original_sample
+        callback({"x": record.sample, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": preview})
 
-    z, _ = run_plan(model_fn, plan, z, indices=trange(len(plan), disable=disable), on_step=report if callback is not None else None)
-    return space.from_path(z, sigma_at[schedule.end])
+    start = start_in_frame(model, x, space, settings, plan.steps[0], schedule.frames[0].scale)
+    on_step = report if callback is not None else None
+    return run_plan(model_fn, plan, start, indices=trange(len(plan), disable=disable), on_step=on_step, frames=schedule.frames)[0]
 
 
 @dataclass(frozen=True)
 class RunSchedule:
-    """A sigma schedule read as PeRFlow's steps: the plan (its coefficients computed at the first run), the end
-    timestep and every timestep's training sigma."""
+    """A sigma schedule read as PeRFlow's steps: the plan (its coefficients computed at the first run), every
+    timestep's training sigma and ComfyUI's `Frame` at every timestep and at the end."""
 
     plan: SamplingPlan
-    end: float
     sigma_at: Dict[float, float]
+    frames: Tuple[Frame, ...]
 
     @classmethod
     def of(cls, space: ModelSpace, settings: PerflowSettings, sigmas: torch.Tensor) -> Optional["RunSchedule"]:
@@ -288,7 +250,8 @@ class RunSchedule:
             return None
         plan = SamplingPlan.for_timesteps(settings, timesteps[:-1], space.alphas_cumprod, end=timesteps[-1])
         check_steps_stay_in_their_segments(plan)
-        return cls(plan, timesteps[-1], {t: space.sigma_of(t) for t in timesteps})
+        sigma_at = {t: space.sigma_of(t) for t in timesteps}
+        return cls(plan, sigma_at, tuple(space.frame(sigma_at[t]) for t in timesteps))
 
 
 _KEPT_SCHEDULES = 8

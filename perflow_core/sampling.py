@@ -1,8 +1,9 @@
 """The one PeRFlow sampling loop: a plan of steps (model timesteps and where each lies in its segment) and the run.
 
 The diffusers scheduler, the ComfyUI sampler, calibration and the benchmark build a `SamplingPlan`; every step's
-coefficients (`solver.StepCoefficients`, theta folded in) are computed once per run, before the loop, and
-`run_plan` applies them (the scheduler, stepped by a pipeline, uses the same coefficients and step).
+coefficients (`solver.StepCoefficients`, theta folded in, and the loop's `solver.Frame` when it samples in another
+space) are computed once, before the loop, and `run_plan` applies them (the scheduler, stepped by a pipeline, uses
+the same coefficients and step).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .segments import Segments, SegmentStep
 from .settings import PerflowSettings
-from .solver import StepCoefficients, StepResult, apply_step, finite_sum, nonfinite_output_error, warn_fallback
+from .solver import PERFLOW_FRAME, Frame, StepCoefficients, StepResult, apply_step, finite_sum, nonfinite_output_error, warn_fallback
 from .theta import theta_rows_like
 
 # model_fn(z, timestep) -> the raw network output at PeRFlow's (z, timestep).
@@ -38,6 +39,7 @@ class SamplingPlan:
     timesteps: Tuple[float, ...]
     steps: Tuple[SegmentStep, ...]
     alphas_cumprod: torch.Tensor = field(compare=False, repr=False)
+    _in_frames: Dict[Tuple[Frame, ...], list] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def for_steps(cls, settings: PerflowSettings, steps: int, alphas_cumprod: torch.Tensor, name: str = "steps") -> "SamplingPlan":
@@ -57,13 +59,21 @@ class SamplingPlan:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def coefficients(self, like: torch.Tensor, theta: Optional[torch.Tensor] = None) -> List[Tuple[StepCoefficients, StepCoefficients]]:
+    def coefficients(
+        self, like: torch.Tensor, theta: Optional[torch.Tensor] = None, frames: Optional[Tuple[Frame, ...]] = None
+    ) -> List[Tuple[StepCoefficients, StepCoefficients]]:
         """Every step's coefficients for a run with ``theta`` (default: the settings'), computed once before the loop:
         per step, the pair (as a run's first step, after a previous step). ``like`` gives the device for a theta that
-        learns."""
-        if theta is None:
+        learns. ``frames``: the loop's frame at every timestep and, last, at the end (only its scale counts); with the
+        settings' theta the coefficients in those frames are kept with the plan."""
+        if theta is not None:
+            coefficients = self._coefficients(theta_rows_like(theta, like))
+            return coefficients if frames is None else _in_frames(coefficients, frames)
+        if frames is None:
             return self._settings_coefficients
-        return self._coefficients(theta_rows_like(theta, like))
+        if frames not in self._in_frames:
+            self._in_frames[frames] = _in_frames(self._settings_coefficients, frames)
+        return self._in_frames[frames]
 
     @cached_property
     def _settings_coefficients(self) -> List[Tuple[StepCoefficients, StepCoefficients]]:
@@ -81,6 +91,14 @@ class SamplingPlan:
 
     def steps_in_segment(self, segment: int) -> List[int]:
         return [i for i, step in enumerate(self.steps) if step.index == segment]
+
+
+def _in_frames(coefficients: List[Tuple[StepCoefficients, StepCoefficients]], frames: Tuple[Frame, ...]) -> List[Tuple[StepCoefficients, StepCoefficients]]:
+    previous = (PERFLOW_FRAME,) + frames
+    return [
+        tuple(k.in_frame(frame, following.scale, before) for k in pair)
+        for pair, frame, following, before in zip(coefficients, frames, frames[1:], previous)
+    ]
 
 
 def _noise_levels(segments: Segments, timesteps: Sequence[float], alphas_cumprod: torch.Tensor) -> Dict[int, float]:
@@ -108,6 +126,7 @@ def run_plan(
     indices: Optional[Iterable[int]] = None,
     previous_output: Optional[torch.Tensor] = None,
     on_step: Optional[Callable[[StepRecord], None]] = None,
+    frames: Optional[Tuple[Frame, ...]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run the plan's steps (all, or those at ``indices``) from ``sample``; returns the last sample and model output.
 
@@ -123,19 +142,20 @@ def run_plan(
         indices: the steps to run, in order (e.g. one segment's, or a progress bar's range).
         previous_output: the model output of the step before the first one run (theta's third column).
         on_step: called after every step with its `StepRecord`.
+        frames: the loop's `Frame` at every timestep and at the end (default: PeRFlow's own ``z`` and ``o``); the
+            sample, the model function's returns and the result are then in those frames.
     """
-    coefficients = plan.coefficients(sample, theta)
+    coefficients = plan.coefficients(sample, theta, frames)
     checks = LoopChecks()
-    z = sample
+    z, previous_sample = sample, None
     for i in range(len(plan)) if indices is None else indices:
-        timestep = plan.timesteps[i]
         step = coefficients[i][previous_output is not None]
-        output = model_fn(z, timestep)
-        z_next, fell_back = apply_step(step, output, z, previous_output)
+        output = model_fn(z, plan.timesteps[i])
+        z_next, fell_back = apply_step(step, output, z, previous_output, previous_sample)
         checks.record(i, output, fell_back)
         if on_step is not None:
             on_step(StepRecord(i, z, output, previous_output, StepResult(z_next, z, output, step)))
-        previous_output, z = output, z_next
+        previous_sample, previous_output, z = z, output, z_next
     checks.raise_or_warn(plan)
     return z, previous_output
 

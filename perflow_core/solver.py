@@ -5,6 +5,11 @@ output ``o_prev``: the velocity ``v = vz z + vo o``, the predicted segment end (
 ``z_e = ez z + eo o``, the next sample ``a z + b o + c o_prev`` and the preview's x0 estimate ``p z + q o``.
 `StepCoefficients` holds those scalars, computed once per step of a plan (before the sampling loop), so a step
 costs a few fused elementwise operations and no host synchronisation.
+
+A loop may also run in another `Frame`: a state ``s = scale * z`` and a model function whose return ``y`` gives
+``o = state_weight * s + y_weight * y`` (ComfyUI's sampler: its own latent ``x`` and the denoised x0). The
+coefficients are then rewritten for ``(s, y)`` (`StepCoefficients.in_frame`), so the conversions cost no operation
+in the loop.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -24,9 +29,26 @@ logger = logging.getLogger(__name__)
 Scalar = Union[float, torch.Tensor]  # a 0-d tensor when theta learns (its graph runs through the coefficients)
 
 
+class Frame(NamedTuple):
+    """A loop's state and model function at one timestep, relative to PeRFlow's ``z`` and raw output ``o``: the state is
+    ``scale * z`` and the model function's return ``y`` gives ``o = state_weight * state + y_weight * y``."""
+
+    scale: float = 1.0
+    state_weight: float = 0.0
+    y_weight: float = 1.0
+
+    def raw_output(self, state: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.add(state * self.state_weight, y, alpha=self.y_weight)
+
+
+PERFLOW_FRAME = Frame()  # the state is z, the model function returns o
+
+
 @dataclass(frozen=True)
 class StepCoefficients:
-    """The scalars of one step (see the module docstring); ``c`` weighs the previous output (0 at a first step)."""
+    """The scalars of one step (see the module docstring); ``c`` weighs the previous output (0 at a first step),
+    ``c_sample`` the previous step's state (only in a frame whose output reads the state); ``a0``, ``b0`` give the
+    step without theta."""
 
     step: SegmentStep
     vz: float
@@ -39,6 +61,9 @@ class StepCoefficients:
     p: float
     q: float
     corrected: bool  # theta changes this step
+    a0: float
+    b0: float
+    c_sample: float = 0.0
 
     @classmethod
     def of(cls, prediction_type: str, step: SegmentStep, theta_row: Optional[Union[Sequence[float], torch.Tensor]] = None, has_previous: bool = False) -> "StepCoefficients":
@@ -62,21 +87,49 @@ class StepCoefficients:
             b = b + gain * dt * vo + end_scale * share * eo + change * dt * vo
             c = -change * dt * vo
         p, q = _preview_coefficients(step, vz, vo)
-        return cls(step, vz, vo, ez, eo, a, b, c, p, q, corrected)
+        return cls(step, vz, vo, ez, eo, a, b, c, p, q, corrected, 1.0 + dt * vz, dt * vo)
 
-    def next_sample(self, sample: torch.Tensor, output: torch.Tensor, previous_output: Optional[torch.Tensor]) -> torch.Tensor:
-        """``a z + b o (+ c o_prev)`` in fused operations."""
+    def in_frame(self, frame: Frame, next_scale: float, previous: Frame) -> "StepCoefficients":
+        """The same step for a loop in ``frame`` (its next state scaled by ``next_scale``; ``previous``: the previous
+        step's frame, for theta's third column). Every ``alpha z + beta o`` becomes ``(alpha / scale + beta
+        state_weight) s + beta y_weight y``."""
+        if frame == PERFLOW_FRAME and previous == PERFLOW_FRAME and next_scale == 1.0:
+            return self
+        if isinstance(self.a, torch.Tensor):
+            raise ValueError("a theta that learns samples in PeRFlow's own frame")
+
+        def on_state(alpha: float, beta: float, scale: float = 1.0) -> Tuple[float, float]:
+            return scale * (alpha / frame.scale + beta * frame.state_weight), scale * beta * frame.y_weight
+
+        vz, vo = on_state(self.vz, self.vo)
+        ez, eo = on_state(self.ez, self.eo)
+        p, q = on_state(self.p, self.q)
+        a, b = on_state(self.a, self.b, next_scale)
+        a0, b0 = on_state(self.a0, self.b0, next_scale)
+        c_sample, c = next_scale * self.c * previous.state_weight, next_scale * self.c * previous.y_weight
+        return StepCoefficients(self.step, vz, vo, ez, eo, a, b, c, p, q, self.corrected, a0, b0, c_sample)
+
+    def next_sample(
+        self, sample: torch.Tensor, output: torch.Tensor, previous_output: Optional[torch.Tensor], previous_sample: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``a z + b o (+ c o_prev + c_sample z_prev)`` in fused operations."""
         if isinstance(self.a, torch.Tensor):  # learning theta: keep the graph
             result = self.a.to(sample) * sample + self.b.to(sample) * output
             return result if previous_output is None else result + self.c.to(sample) * previous_output
-        # z + (a - 1) z keeps z's own bits: a is close to 1 and the step a small change of z.
-        result = torch.add(sample, output, alpha=self.b) if self.a == 1.0 else torch.add(sample, sample, alpha=self.a - 1.0).add_(output, alpha=self.b)
-        return result if previous_output is None or self.c == 0.0 else result.add_(previous_output, alpha=self.c)
+        result = _combine(sample, self.a, output, self.b)
+        if previous_output is None or self.c == 0.0:
+            return result
+        result.add_(previous_output, alpha=self.c)
+        return result if self.c_sample == 0.0 else result.add_(previous_sample, alpha=self.c_sample)
 
     def original_step(self, sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The step without theta, ``z + dt v``."""
-        dt = self.step.t_next - self.step.t
-        return torch.add(sample, sample, alpha=dt * self.vz).add_(output, alpha=dt * self.vo)
+        return _combine(sample, self.a0, output, self.b0)
+
+
+def _combine(sample: torch.Tensor, a: float, output: torch.Tensor, b: float) -> torch.Tensor:
+    """``a z + b o``; as ``z + (a - 1) z + b o``, which keeps z's own bits where a is close to 1 (a small step)."""
+    return torch.add(sample, output, alpha=b) if a == 1.0 else torch.add(sample, sample, alpha=a - 1.0).add_(output, alpha=b)
 
 
 def _preview_coefficients(step: SegmentStep, vz: float, vo: float) -> tuple[float, float]:
@@ -167,11 +220,15 @@ def finite_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def apply_step(
-    coefficients: StepCoefficients, output: torch.Tensor, sample: torch.Tensor, previous_output: Optional[torch.Tensor]
+    coefficients: StepCoefficients,
+    output: torch.Tensor,
+    sample: torch.Tensor,
+    previous_output: Optional[torch.Tensor],
+    previous_sample: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The next sample and, when theta changes the step, a 0-d device flag: the corrected step was not finite
     where the original one was, so the original step was used (the caller warns once, after its loop)."""
-    corrected = coefficients.next_sample(sample, output, previous_output)
+    corrected = coefficients.next_sample(sample, output, previous_output, previous_sample)
     if not coefficients.corrected:
         return corrected, None
     fell_back = ~torch.isfinite(finite_sum(corrected))
