@@ -27,7 +27,19 @@ from .segments import SegmentStep
 from .settings import PerflowSettings
 from .solver import theta_features
 from .theta import NUM_THETA_COLUMNS, THETA_DOCUMENTED_RANGE
-from .time_grid import GridPath, best_boundaries, check_grid_fit, check_solver, fine_grid, grid_targets, learned_settings, local_errors, solve_on_grid, subdivide
+from .time_grid import (
+    GridPath,
+    best_boundaries,
+    check_grid_fit,
+    check_solver,
+    fine_grid,
+    fine_steps,
+    grid_targets,
+    learned_settings,
+    line_point,
+    local_errors,
+    solve_on_grid,
+)
 
 # teacher(noise) -> the teacher's states at every student step end, [steps] tensors like noise.
 Teacher = Callable[[torch.Tensor], List[torch.Tensor]]
@@ -92,13 +104,10 @@ def perflow_teacher(model_fn: ModelFn, plan: SamplingPlan, multiplier: int = 8) 
     Each student step is cut into ``multiplier`` equal steps (integer timesteps), so the teacher passes
     through every student timestep and its state there is the target.
     """
-    if multiplier < 1:
-        raise ValueError(f"teacher multiplier must be >= 1; got {multiplier}")
-    ends = list(plan.timesteps[1:]) + [0.0]
     fine: List[float] = []
     marks: List[int] = []
-    for start, end in zip(plan.timesteps, ends):
-        fine += subdivide(start, end, multiplier)
+    for part in fine_steps(plan, multiplier):
+        fine += part
         marks.append(len(fine) - 1)
     teacher_plan = SamplingPlan.for_timesteps(plan.settings, fine, plan.alphas_cumprod)
     zero = torch.zeros_like(plan.settings.theta)
@@ -135,8 +144,7 @@ def ode_teacher(solve: Callable[[torch.Tensor, float, float], torch.Tensor], pla
 
 def window_line_point(states: Dict[float, torch.Tensor], step: SegmentStep) -> torch.Tensor:
     """The point at ``step.t_next`` on the straight line between the states at the window's two signal levels."""
-    share = (step.t_start - step.t_next) / (step.t_start - step.t_end)
-    return torch.lerp(states[step.alpha_start], states[step.alpha_end], share)
+    return line_point(states[step.alpha_start], states[step.alpha_end], step)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import List, Sequence
 import torch
 
 from .sampling import ModelFn, SamplingPlan
+from .noise_schedule import alpha_at_timestep
 from .segments import SegmentStep
 from .settings import PerflowSettings
 
@@ -47,11 +48,6 @@ class GridPath:
         return GridPath(self.timesteps, [s[samples] for s in self.states], [o[samples] for o in self.outputs])
 
 
-def signal_level(timestep: float, alphas_cumprod: torch.Tensor) -> float:
-    """``alphas_cumprod`` at a model timestep, PeRFlow's convention (timestep tau reads index tau - 1, at least 0)."""
-    return float(alphas_cumprod[max(int(round(timestep)) - 1, 0)])
-
-
 def check_grid_fit(settings: PerflowSettings, solver: str, name: str = "fit_boundaries") -> None:
     """Whether the grid of a model with these settings can be learned; errors name the option as ``name``."""
     if settings.t_clean:
@@ -73,10 +69,15 @@ def check_solver(solver: str, settings: PerflowSettings) -> None:
 
 def fine_grid(plan: SamplingPlan, multiplier: int) -> List[float]:
     """The plan's timesteps with each step cut into ``multiplier`` integer steps, ending at 0."""
+    return [t for part in fine_steps(plan, multiplier) for t in part] + [0.0]
+
+
+def fine_steps(plan: SamplingPlan, multiplier: int) -> List[List[float]]:
+    """Each plan step cut into ``multiplier`` integer steps: per step, the fine timesteps it starts (see `subdivide`)."""
     if multiplier < 1:
         raise ValueError(f"teacher multiplier must be >= 1; got {multiplier}")
     ends = list(plan.timesteps[1:]) + [0.0]
-    return [t for start, end in zip(plan.timesteps, ends) for t in subdivide(start, end, multiplier)] + [0.0]
+    return [subdivide(start, end, multiplier) for start, end in zip(plan.timesteps, ends)]
 
 
 def subdivide(start: float, end: float, parts: int) -> List[float]:
@@ -88,7 +89,7 @@ def subdivide(start: float, end: float, parts: int) -> List[float]:
 @torch.no_grad()
 def solve_on_grid(model_fn: ModelFn, timesteps: Sequence[float], alphas_cumprod: torch.Tensor, noise: torch.Tensor, solver: str = "perflow") -> GridPath:
     """The epsilon model's ODE from ``noise`` at ``timesteps[0]`` through every grid timestep (DDIM or DPM-Solver++ 2M)."""
-    levels = [signal_level(t, alphas_cumprod) for t in timesteps]
+    levels = [alpha_at_timestep(alphas_cumprod, t) for t in timesteps]
     z, states, outputs, previous_x0 = noise, [noise], [], None
     for i in range(len(timesteps) - 1):
         output = model_fn(z, timesteps[i])
@@ -118,7 +119,11 @@ def grid_targets(path: GridPath, plan: SamplingPlan) -> List[torch.Tensor]:
 
 
 def _line_point(path: GridPath, step: SegmentStep, scale: int) -> torch.Tensor:
-    start, end = path.state_at(round(step.t_start * scale)), path.state_at(round(step.t_end * scale))
+    return line_point(path.state_at(round(step.t_start * scale)), path.state_at(round(step.t_end * scale)), step)
+
+
+def line_point(start: torch.Tensor, end: torch.Tensor, step: SegmentStep) -> torch.Tensor:
+    """The point at ``step.t_next`` on the straight line between the states at the window's start and end."""
     return torch.lerp(start, end, (step.t_start - step.t_next) / (step.t_start - step.t_end))
 
 
