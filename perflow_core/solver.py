@@ -38,7 +38,10 @@ class Frame(NamedTuple):
     y_weight: float = 1.0
 
     def raw_output(self, state: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.add(state * self.state_weight, y, alpha=self.y_weight)
+        if self.state_weight == 0.0:
+            return y if self.y_weight == 1.0 else y * self.y_weight
+        # (x - d) / sigma as a difference first: x and d nearly cancel at small sigma, and their difference is exact.
+        return torch.add(state, y, alpha=self.y_weight / self.state_weight).mul_(self.state_weight)
 
 
 PERFLOW_FRAME = Frame()  # the state is z, the model function returns o

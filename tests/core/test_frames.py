@@ -4,10 +4,12 @@ y_weight * y``) takes the same steps as PeRFlow's own loop, with the conversions
 import pytest
 import torch
 
+from perflow_core.k_sampling import ModelSpace
 from perflow_core.noise_schedule import alphas_cumprod_for
 from perflow_core.sampling import SamplingPlan
 from perflow_core.settings import PerflowSettings
 from perflow_core.solver import PERFLOW_FRAME, Frame, StepResult, apply_step
+from support.comfy_like import DiscreteEps
 
 THETA = [[0.1, -0.05, 0.2], [0.0, 0.1, -0.1], [0.05, 0.0, 0.3], [-0.1, 0.02, 0.1]]
 FRAMES = (Frame(14.6, 1 / 14.6, -1 / 14.6), Frame(4.2, 0.3, -1.7), Frame(1.9, 2.0, -0.5), Frame(1.3, 5.0, -5.0), Frame())
@@ -82,3 +84,13 @@ def test_a_theta_that_learns_is_refused_in_another_frame():
     theta = torch.tensor(THETA, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="learns"):
         steps.coefficients(tensor(0), theta, FRAMES)
+
+
+def test_comfyuis_raw_output_at_a_small_sigma_keeps_the_exact_difference_of_x_and_x0():
+    space = ModelSpace.of(DiscreteEps())
+    sigma = float(space.sigmas[9])  # timestep 10, sigma about 0.04: x and the denoised x0 nearly cancel
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    denoised = x - sigma * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    expected = (x.double() - denoised.double()) / sigma
+    got = space.frame(sigma).raw_output(x, denoised)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 2e-7
