@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Union
 
 import folder_paths
 
-from ..perflow_core.diffusers_folder import model_folders
+from ..perflow_core.diffusers_folder import MODEL_INDEX, model_folders
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ModelFiles:
 class DiffusersFolders(ModelFiles):
     """Folders under models/diffusers that hold a model_index.json, as the stock DiffusersLoader lists them."""
 
-    kind = "a folder with a model_index.json"
+    kind = f"a folder with a {MODEL_INDEX}"
     plural = "diffusers model folders"
 
     def __init__(self):
@@ -83,7 +83,7 @@ class DiffusersFolders(ModelFiles):
     def full_path(self, value: str, input_name: str) -> str:
         for root in folder_paths.get_folder_paths(self.folder):
             path = os.path.join(root, value)
-            if os.path.isfile(os.path.join(path, "model_index.json")):
+            if os.path.isfile(os.path.join(path, MODEL_INDEX)):
                 return path
         raise ValueError(f"{input_name} {value!r} is no longer in {self.where}")
 

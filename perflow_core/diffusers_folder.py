@@ -62,11 +62,6 @@ def read_json(path: PathLike, name: str) -> Dict[str, Any]:
     return value
 
 
-def listed_components(index: Mapping[str, Any]) -> List[str]:
-    """The components a model_index.json names with a class (``"safety_checker": [null, null]`` is absent)."""
-    return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list) and any(entry)]
-
-
 def weight_files(folder: PathLike, component: str) -> List[Path]:
     """The weight files of ``folder/component`` to load (one file, or every shard of a sharded set), chosen by
     ``_preference``; a ValueError naming the component when it has none, or when a shard is missing."""

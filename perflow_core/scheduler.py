@@ -118,30 +118,19 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             }
         )
         self.prediction_type = self.settings.prediction_type
-        self.segments = self.settings.build_segments()
         self.betas = _betas(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.time_windows = TimeWindows(self.segments)
         self.init_noise_sigma = 1.0
         self.theta = self.settings.theta
         if learn_theta:
             self.theta.requires_grad_(True)
         if trained_betas is not None:
             self.register_to_config(trained_betas=[float(b) for b in np.asarray(trained_betas).ravel()])
-        config = self.settings.to_config()
-        # num_time_windows as an integer and a canonical prediction_type: the original class reads saved configs.
-        self.register_to_config(
-            segments=config["segments"],
-            num_time_windows=config["segments"],
-            segment_boundaries=config["segment_boundaries"],
-            theta_init=None if theta_init is None else theta_to_list(self.theta),
-            prediction_type=self.prediction_type,
-        )
-        self.timesteps: Optional[torch.Tensor] = None
-        self.num_inference_steps: Optional[int] = None
-        self._plan: Optional[SamplingPlan] = None
+        # A canonical prediction_type: the original class reads saved configs.
+        self.register_to_config(theta_init=None if theta_init is None else theta_to_list(self.theta), prediction_type=self.prediction_type)
+        self._take_segments(self.settings)
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._previous: Optional[Tuple[int, torch.Tensor]] = None
@@ -221,17 +210,20 @@ class PerflowScheduler(SchedulerMixin, ConfigMixin):
             fit_boundaries=fit_boundaries, teacher_solver=teacher_solver, progress=progress,
         )
         if report.settings.segment_boundaries != self.settings.segment_boundaries:
-            self._use_segments(report.settings)
+            self._take_segments(report.settings.replace(theta=None))
         self.set_theta(report.theta)
         return report
 
-    def _use_segments(self, settings: PerflowSettings) -> None:
-        """Take the segments of ``settings`` (learned by calibration) and record them in the config."""
-        self.settings = settings.replace(theta=None)
-        self.segments = self.settings.build_segments()
+    def _take_segments(self, settings: PerflowSettings) -> None:
+        """Use the segments of ``settings`` (at construction, or learned by calibration) and record them in the config,
+        ``num_time_windows`` as an integer as the original class reads it; any grid set before is dropped."""
+        self.settings = settings
+        self.segments = settings.build_segments()
         self.time_windows = TimeWindows(self.segments)
-        self.timesteps, self.num_inference_steps, self._plan = None, None, None
-        config = self.settings.to_config()
+        self.timesteps: Optional[torch.Tensor] = None
+        self.num_inference_steps: Optional[int] = None
+        self._plan: Optional[SamplingPlan] = None
+        config = settings.to_config()
         self.register_to_config(segments=config["segments"], num_time_windows=config["segments"], segment_boundaries=config["segment_boundaries"])
 
     # ----------------------------------------------------------------------------------- time steps
