@@ -459,16 +459,13 @@ function addEditor(node) {
 }
 
 /** A frontend whose Vue nodes draw only their built-in widget types (1.27.10) puts the editor nowhere while the node
- * is drawn as a DOM element: then the editor goes into that element after its widgets, in a host of its own, and
- * back there whenever Vue redraws the node's body away (collapse, zooming out and in). Where the frontend places the
- * editor itself (the canvas, Vue nodes with DOM widgets) nothing is done. */
-function placeInVueNode(node) {
-  const editor = node.perflowEditor;
-  if (editor.host && !editor.host.contains(editor.root)) editor.host.remove(); // the frontend took the editor
-  if (editor.root.isConnected) return;
-  const nodeElement = document.querySelector(`[data-node-id="${CSS.escape(String(node.id))}"]`);
-  const widgets = nodeElement?.querySelector(".lg-node-widgets");
-  if (!widgets) return; // not drawn as a DOM element, or drawn without its widgets
+ * is drawn as a DOM element: then the editor goes into that element after its widgets, in a host of its own, each
+ * time Vue draws the node's widgets anew (the node shown, expanded, zoomed back in). Where the frontend places the
+ * editor itself (the canvas, Vue nodes with DOM widgets) it is on the page by then and nothing is done. */
+function placeAfter(widgets) {
+  const id = widgets.closest("[data-node-id]")?.dataset.nodeId;
+  const editor = id === undefined ? null : app.canvas?.graph?.getNodeById(id)?.perflowEditor; // the graph on screen
+  if (!editor || editor.root.isConnected) return;
   editor.host ??= vueNodeHost();
   editor.host.replaceChildren(editor.root);
   widgets.after(editor.host);
@@ -481,17 +478,27 @@ function vueNodeHost() {
   return host;
 }
 
-function placeEditorsInVueNodes() {
-  const graph = app.canvas?.graph; // the graph on screen: its node ids are the ones the Vue nodes carry
-  for (const node of graph?.nodes ?? graph?._nodes ?? []) {
-    if (node.perflowEditor) placeInVueNode(node);
+/** The page's DOM changed: look only at what was added (a Vue node's widgets, or a node or graph holding them), and
+ * drop a host the frontend took the editor out of. */
+function onPageChanged(records) {
+  for (const { target, addedNodes } of records) {
+    if (target.classList?.contains("perflow-editor-host")) {
+      if (!target.firstChild) target.remove(); // the frontend took the editor
+      continue;
+    }
+    if (target.closest?.(".perflow-segment-editor")) continue; // the editor's own redraws
+    for (const added of addedNodes) {
+      if (!(added instanceof Element)) continue;
+      if (added.classList.contains("lg-node-widgets")) placeAfter(added);
+      else for (const widgets of added.getElementsByClassName("lg-node-widgets")) placeAfter(widgets);
+    }
   }
 }
 
 app.registerExtension({
   name: "perflow.SegmentEditor",
   setup() {
-    new MutationObserver(placeEditorsInVueNodes).observe(document.body, { childList: true, subtree: true });
+    new MutationObserver(onPageChanged).observe(document.body, { childList: true, subtree: true });
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
