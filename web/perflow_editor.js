@@ -511,8 +511,7 @@ app.registerExtension({
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function (...args) {
       const result = onConfigure?.apply(this, args);
-      const [width, height] = this.computeSize();
-      if (this.size[1] < height || this.size[0] < width) this.setSize([Math.max(this.size[0], width), Math.max(this.size[1], height)]);
+      this.expandToFitContent(); // a workflow saved smaller than the editor
       this.perflowEditor?.render(true);
       return result;
     };

@@ -31,8 +31,7 @@ function textWidget(node) {
 
 function showText(node, text) {
   textWidget(node).value = text;
-  const [width, height] = node.computeSize();
-  node.setSize([Math.max(node.size[0], width), Math.max(node.size[1], height)]);
+  node.expandToFitContent();
   node.setDirtyCanvas?.(true, true);
 }
 
