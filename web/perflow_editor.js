@@ -127,6 +127,7 @@ class SegmentEditor {
   setPreviewSteps(value) {
     const steps = Math.round(Number(value));
     if (Number.isFinite(steps) && steps >= 1) this.node.properties[PREVIEW_PROPERTY] = Math.min(steps, 999);
+    recordUndoStep(); // a property saved with the workflow: the tracker ignores keys typed into inputs
     this.render(true);
   }
 

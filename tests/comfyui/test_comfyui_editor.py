@@ -35,6 +35,7 @@ from support.editor_page import (
     set_preview_steps,
     theta_text_field,
     toggle_collapsed,
+    tracked_preview_steps,
     vue_field_values,
 )
 from support.server import (
@@ -194,6 +195,15 @@ def test_theta_typed_into_the_editor_is_written_to_the_widget(app_page):
     assert state["theta"] == "0.15, 0, 0; 0, 0, 0; 0, 0, 0; 0, 0, 0"
     assert state["drawn"]["bars"]["0,0"]["value"] == 0.15
     _restore(page, node_id)
+
+
+@pytest.mark.parametrize("app_page", [(PINNED, "classic")], indirect=True, ids=_id)
+def test_a_new_preview_step_count_is_recorded_for_undo_and_saving(app_page):
+    page, node_id, _ = app_page
+    set_preview_steps(page, node_id, 13)
+    assert tracked_preview_steps(page, node_id) == 13
+    set_preview_steps(page, node_id, EDITOR_WORKFLOW_STEPS)
+    assert tracked_preview_steps(page, node_id) == EDITOR_WORKFLOW_STEPS
 
 
 @pytest.mark.parametrize("app_page", WITH_EDITOR, indirect=True, ids=_id)

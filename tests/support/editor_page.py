@@ -71,6 +71,15 @@ def set_preview_steps(page, node_id: int, steps: int) -> None:
     field.dispatch_event("change")
 
 
+def tracked_preview_steps(page, node_id: int):
+    """The node's preview step count in the workflow state the change tracker last recorded (undo, the unsaved mark)."""
+    return page.evaluate(
+        """(id) => app.extensionManager.workflow.activeWorkflow.changeTracker.activeState.nodes
+          .find(n => n.id === id).properties['preview steps']""",
+        node_id,
+    )
+
+
 def _client_point(page, node_id: int, timestep: float, y: float) -> tuple[float, float]:
     """Screen coordinates of a timestep on the editor's axis at height y, in the plot's units (its viewBox)."""
     return tuple(
