@@ -24,6 +24,7 @@ const DEFAULT_PREVIEW_STEPS = 8;
 const DEFAULT_SEGMENTS = 4;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const EDITOR_HEIGHT = 262;
+const EDITOR_MIN_WIDTH = 360;
 const PLOT_HEIGHT = 156;
 const MARGIN = 14;
 const THETA_STEP = 0.01;
@@ -133,7 +134,7 @@ class SegmentEditor {
 
   // geometry -----------------------------------------------------------------------------------------
   measureWidth() {
-    return this.plot.clientWidth > 0 ? this.plot.clientWidth : 360;
+    return this.plot.clientWidth > 0 ? this.plot.clientWidth : EDITOR_MIN_WIDTH;
   }
 
   x(timestep) {
@@ -454,7 +455,7 @@ function addEditor(node) {
     };
   }
   const [width, height] = node.computeSize();
-  node.setSize([Math.max(node.size[0], width, 360), Math.max(node.size[1], height)]);
+  node.setSize([Math.max(node.size[0], width, EDITOR_MIN_WIDTH), Math.max(node.size[1], height)]);
   if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => editor.render(true)).observe(editor.plot);
   editor.render(true);
 }
@@ -475,7 +476,7 @@ function placeAfter(widgets) {
 
 function vueNodeHost() {
   const host = html("div", { className: "perflow-editor-host" });
-  Object.assign(host.style, { height: `${EDITOR_HEIGHT}px`, minWidth: "360px", padding: "0 16px", boxSizing: "border-box" });
+  Object.assign(host.style, { height: `${EDITOR_HEIGHT}px`, minWidth: `${EDITOR_MIN_WIDTH}px`, padding: "0 16px", boxSizing: "border-box" });
   return host;
 }
 
