@@ -22,6 +22,7 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     UNET_PREFIX,
     comfy,
     model_folder,
+    node_text,
     output_directory,
     pack_core,
     perflow_pack,
@@ -73,7 +74,7 @@ def saved(comfy, perflow_pack, tiny_sd15, tiny_sd15_checkpoint, tmp_path_factory
         unload_models()
         yield SimpleNamespace(
             path=output / "checkpoints" / "PeRFlow_00001_.safetensors",
-            message=result.ui.as_dict()["text"][0],
+            message=node_text(result),
             output=output,
             choice=choice,
             clip=clip,
