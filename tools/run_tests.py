@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMFY_VENV = ROOT / ".venv-comfy"
 COMFY_EXTRAS = ["torch==2.14.1", "torchvision==0.29.1", "pytest", "playwright", "requests", "diffusers", "transformers"]
 # The newest frontend the browser tests also run (tests/support/server.py NEWEST_FRONTEND_VERSION finds it here).
-NEWEST_FRONTEND = "comfyui-frontend-package==1.58.1"
-NEWEST_FRONTEND_FOLDER = COMFY_VENV / "frontend-1.58.1"
+NEWEST_FRONTEND_VERSION = "1.58.1"
+NEWEST_FRONTEND = f"comfyui-frontend-package=={NEWEST_FRONTEND_VERSION}"
+NEWEST_FRONTEND_FOLDER = COMFY_VENV / f"frontend-{NEWEST_FRONTEND_VERSION}"
 CI = os.environ.get("CI", "").lower() == "true"
 REPORTS = Path(tempfile.mkdtemp(prefix="perflow-test-reports-"))
 
