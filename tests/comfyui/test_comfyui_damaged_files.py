@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from support.comfyui import PACK_NAME, comfy, perflow_pack, requires_comfyui, run_node, tiny_sd15, tiny_sd15_checkpoint  # noqa: F401
+from support.comfyui import model_folder as registered_model_folder
 from support.hostile import damaged_copies, pickle_file, safetensors_file
 
 pytestmark = requires_comfyui
@@ -23,15 +24,8 @@ def loader_nodes(perflow_pack):
 @pytest.fixture
 def model_folder(tmp_path):
     """A temporary folder registered for checkpoints and deltas."""
-    import folder_paths
-
-    names = ("checkpoints", "perflow_deltas")
-    for name in names:
-        folder_paths.add_model_folder_path(name, str(tmp_path))
-    yield tmp_path
-    for name in names:
-        folder_paths.folder_names_and_paths[name][0].remove(str(tmp_path))
-        folder_paths.filename_list_cache.pop(name, None)
+    with registered_model_folder("checkpoints", tmp_path), registered_model_folder("perflow_deltas", tmp_path):
+        yield tmp_path
 
 
 def _refused_naming(node, input_name, file_name, **inputs):

@@ -34,6 +34,7 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     comfy,
     flat,
     interrupted_after_calls,
+    model_folder,
     node_text,
     pack_core,
     parameter_counts,
@@ -297,11 +298,7 @@ def _delta_files(env, folder):
 
 
 def test_apply_delta_node_patches_the_model(env, tmp_path):
-    import folder_paths
-
-    folder_name = env.loader_nodes.DELTA_FOLDER
-    folder_paths.add_model_folder_path(folder_name, str(tmp_path))
-    try:
+    with model_folder(env.loader_nodes.DELTA_FOLDER, tmp_path):
         _delta_files(env, tmp_path)
         noise = noise_tensor(41)
         base = comfy_sample(env, env.model, None, 4, 4.5, noise)
@@ -312,9 +309,6 @@ def test_apply_delta_node_patches_the_model(env, tmp_path):
         patched = comfy_sample(env, patched_model, None, 4, 4.5, noise)
         zero = comfy_sample(env, zero_model, None, 4, 4.5, noise)
         again = comfy_sample(env, env.model, None, 4, 4.5, noise)
-    finally:
-        folder_paths.folder_names_and_paths[folder_name][0].remove(str(tmp_path))
-        folder_paths.filename_list_cache.pop(folder_name, None)
     assert torch.isfinite(patched).all()
     assert relative_difference(patched, base) > 1e-2
     assert relative_difference(zero, base) < 1e-6
@@ -497,14 +491,8 @@ def test_edm_model_is_refused_naming_model(env):
 # -------------------------------------------------------------------------------- checkpoint loader
 @pytest.fixture
 def checkpoints_folder(tmp_path):
-    import folder_paths
-
-    folder_paths.add_model_folder_path("checkpoints", str(tmp_path))
-    try:
-        yield tmp_path
-    finally:
-        folder_paths.folder_names_and_paths["checkpoints"][0].remove(str(tmp_path))
-        folder_paths.filename_list_cache.pop("checkpoints", None)
+    with model_folder("checkpoints", tmp_path) as folder:
+        yield folder
 
 
 def test_checkpoint_loader_reads_perflow_settings(env, checkpoints_folder):
@@ -609,15 +597,8 @@ def test_dropdowns_when_enabled_run_in_the_stock_ksampler(env, monkeypatch, rest
 # ------------------------------------------------------------------------------ calibrate, save, load theta
 @pytest.fixture
 def theta_folder(tmp_path):
-    import folder_paths
-
-    folder = tmp_path / "perflow_theta"
-    folder_paths.add_model_folder_path("perflow_theta", str(folder), is_default=True)
-    try:
+    with model_folder("perflow_theta", tmp_path / "perflow_theta", is_default=True) as folder:
         yield folder
-    finally:
-        folder_paths.folder_names_and_paths["perflow_theta"][0].remove(str(folder))
-        folder_paths.filename_list_cache.pop("perflow_theta", None)
 
 
 def calibration_nodes(env):

@@ -451,13 +451,14 @@ class FixedNoise:
 
 # ------------------------------------------------------------------------------ folders and state dicts
 @contextlib.contextmanager
-def model_folder(folder_name: str, path) -> Iterator[Path]:
-    """``path`` added to ComfyUI's model folder ``folder_name`` (checkpoints, perflow_deltas, ...) while the block runs."""
+def model_folder(folder_name: str, path, is_default: bool = False) -> Iterator[Path]:
+    """``path`` added to ComfyUI's model folder ``folder_name`` (checkpoints, perflow_deltas, ...) while the block runs;
+    with ``is_default``, first (where a node that saves into the kind writes)."""
     import folder_paths
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    folder_paths.add_model_folder_path(folder_name, str(path))
+    folder_paths.add_model_folder_path(folder_name, str(path), is_default=is_default)
     try:
         yield path
     finally:
