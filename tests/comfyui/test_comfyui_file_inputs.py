@@ -54,7 +54,7 @@ def prompt_naming(case: str, value: str, checkpoint: str, theta: str) -> dict:
 
 
 def node_under_test(case: str, prompt: dict) -> str:
-    (node_id,) = [key for key, node in prompt.items() if node["class_type"] == FILE_INPUTS[case][0] and (case != "ckpt_name" or key == "1")]
+    (node_id,) = [key for key, node in prompt.items() if node["class_type"] == FILE_INPUTS[case][0]]
     return node_id
 
 
