@@ -503,10 +503,7 @@ def test_checkpoint_loader_reads_perflow_settings(env, checkpoints_folder):
         perflow={"theta": theta, "segments": 4, "segment_boundaries": [1000, 750, 500, 250, 0], "prediction_type": "velocity", "version": "0.1"},
         seed=0,
     )
-    try:
-        model, clip, vae, choice = run_node(env.loader_nodes.PerflowCheckpointLoaderNode, ckpt_name=path.name)
-    finally:
-        path.unlink()
+    model, clip, vae, choice = run_node(env.loader_nodes.PerflowCheckpointLoaderNode, ckpt_name=path.name)
     assert type(model).__name__ == "ModelPatcher" and type(model.model.model_config).__name__ == "SD15"
     assert clip is not None and vae is not None
     assert choice.settings.prediction_type == "velocity" and not choice.auto_prediction_type
@@ -789,10 +786,7 @@ def test_sampler_shows_its_settings_and_where_the_timesteps_are(env):
 def test_checkpoint_loader_shows_the_settings_read_from_the_file(env, checkpoints_folder):
     path = checkpoints_folder / "tiny_shown.safetensors"
     build_tiny_sd15_checkpoint(path, perflow={"theta": THETA_ROWS, "segment_boundaries": [1000, 700, 400, 150, 0], "prediction_type": "velocity"})
-    try:
-        text = node_text(env.loader_nodes.PerflowCheckpointLoaderNode.execute(ckpt_name=path.name))
-    finally:
-        path.unlink()
+    text = node_text(env.loader_nodes.PerflowCheckpointLoaderNode.execute(ckpt_name=path.name))
     assert "parameterisation: velocity" in text
     assert "segments: K = 4, boundaries 1000, 700, 400, 150, 0 (custom)" in text
     assert "0.1, -0.05, 0.2" in text and "-0.12, -0.04, 0.05" in text
