@@ -33,7 +33,7 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     tiny_sd15,
     tiny_sd15_checkpoint,
 )
-from support.server import _write_delta
+from support.server import write_delta
 
 pytestmark = requires_comfyui
 
@@ -64,7 +64,7 @@ def saved(comfy, perflow_pack, tiny_sd15, tiny_sd15_checkpoint, tmp_path_factory
     """The tiny model with the delta applied, saved once with non-default settings (output folder kept for the module)."""
     folder = tmp_path_factory.mktemp("save_checkpoint")
     (folder / "deltas").mkdir()
-    _write_delta(tiny_sd15_checkpoint, folder / "deltas" / DELTA_NAME)
+    write_delta(tiny_sd15_checkpoint, folder / "deltas" / DELTA_NAME)
     model, clip, vae = tiny_sd15
     choice = pack_module("settings_node").build_choice("ddim_eps", 3, "", THETA_TEXT)
     loader_nodes = pack_module("loader_nodes")

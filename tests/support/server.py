@@ -284,7 +284,7 @@ DELTA_SCRIPT = textwrap.dedent(
 )
 
 
-def _write_delta(checkpoint: Path, out: Path) -> None:
+def write_delta(checkpoint: Path, out: Path) -> None:
     """A small random delta with diffusers UNet key names for every weight of the tiny UNet (ComfyUI's own key map)."""
     result = subprocess.run(
         [_python(), "-c", DELTA_SCRIPT, str(comfyui_root()), str(checkpoint), str(out)],
@@ -307,7 +307,7 @@ def prepare_base_directory(base: Path) -> None:
     settings = PerflowSettings(segments=4, prediction_type="diff_eps", theta=[[0.05, 0.0, 0.0]] + [[0.0, 0.0, 0.0]] * 3)
     build_tiny_sd15_checkpoint(checkpoint, perflow=settings, seed=0)
     assert checkpoint.is_file(), f"build_tiny_sd15_checkpoint did not write {checkpoint}"
-    _write_delta(checkpoint, base / "models/perflow_deltas" / DELTA_NAME)
+    write_delta(checkpoint, base / "models/perflow_deltas" / DELTA_NAME)
     _write_input_image(base / "input" / INPUT_IMAGE_NAME)
     listed = base / "models/diffusers" / DIFFUSERS_LISTED_NAME
     listed.mkdir(parents=True)
