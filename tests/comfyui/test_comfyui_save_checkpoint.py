@@ -2,8 +2,8 @@
 merged), text encoder, VAE and the PeRFlow settings, read back by the stock Load Checkpoint and by ours.
 
 The tiny SD1.5 checkpoint (tests/support/comfyui.py) gets a random delta for every UNet weight (diffusers key names,
-tests/support/server.py) applied by Apply PeRFlow Delta Weights at strength 0.5, and is saved with K = 3, non-zero
-theta and ddim_eps. What the loaders give back is compared tensor by tensor, exactly.
+write_tiny_delta) applied by Apply PeRFlow Delta Weights at strength 0.5, and is saved with K = 3, non-zero theta and
+ddim_eps. What the loaders give back is compared tensor by tensor, exactly.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from support.comfyui import (  # noqa: F401  (fixtures are used by name)
     state_dict_differences,
     tiny_sd15,
     tiny_sd15_checkpoint,
+    write_tiny_delta,
 )
-from support.server import write_delta
 
 pytestmark = requires_comfyui
 
@@ -64,7 +64,7 @@ def saved(comfy, perflow_pack, tiny_sd15, tiny_sd15_checkpoint, tmp_path_factory
     """The tiny model with the delta applied, saved once with non-default settings (output folder kept for the module)."""
     folder = tmp_path_factory.mktemp("save_checkpoint")
     (folder / "deltas").mkdir()
-    write_delta(tiny_sd15_checkpoint, folder / "deltas" / DELTA_NAME)
+    write_tiny_delta(tiny_sd15_checkpoint, folder / "deltas" / DELTA_NAME)
     model, clip, vae = tiny_sd15
     choice = pack_module("settings_node").build_choice("ddim_eps", 3, "", THETA_TEXT)
     loader_nodes = pack_module("loader_nodes")

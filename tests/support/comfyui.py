@@ -449,6 +449,27 @@ class FixedNoise:
         return self.noise.clone()
 
 
+def write_tiny_delta(checkpoint, out) -> None:
+    """A small random delta (seed 0, scale 1e-3, fp16) with diffusers UNet key names for every weight of the UNet in
+    ``checkpoint`` (ComfyUI's own key map) written to ``out``. Needs ComfyUI imported (``import_comfy``; the test
+    server's support runs it in a ComfyUI subprocess)."""
+    import comfy.model_detection
+    import comfy.utils
+    from safetensors.torch import load_file, save_file
+
+    state_dict = load_file(str(checkpoint))
+    config = comfy.model_detection.model_config_from_unet(state_dict, UNET_PREFIX)
+    assert config is not None, f"ComfyUI does not detect the UNet of {checkpoint}"
+    generator = torch.Generator().manual_seed(0)
+    delta = {}
+    for diffusers_key, comfy_key in sorted(comfy.utils.unet_to_diffusers(config.unet_config).items()):
+        weight = state_dict.get(UNET_PREFIX + comfy_key)
+        if weight is not None:
+            delta[diffusers_key] = (torch.randn(weight.shape, generator=generator) * 1e-3).to(torch.float16)
+    assert len(delta) > 10, f"only {len(delta)} UNet keys mapped"
+    save_file(delta, str(out))
+
+
 # ------------------------------------------------------------------------------ folders and state dicts
 @contextlib.contextmanager
 def model_folder(folder_name: str, path, is_default: bool = False) -> Iterator[Path]:

@@ -259,35 +259,20 @@ def _write_input_image(path: Path) -> None:
 DELTA_SCRIPT = textwrap.dedent(
     """
     import sys
-    comfy_path, checkpoint, out = sys.argv[1:4]
-    sys.path.insert(0, comfy_path)
+    comfy_path, tests, checkpoint, out = sys.argv[1:5]
+    sys.path[:0] = [comfy_path, tests]
     from comfy.cli_args import args
     args.cpu = True
-    import torch
-    import comfy.model_detection, comfy.utils
-    from safetensors.torch import load_file, save_file
-    state_dict = load_file(checkpoint)
-    prefix = "model.diffusion_model."
-    config = comfy.model_detection.model_config_from_unet(state_dict, prefix)
-    assert config is not None, "ComfyUI does not detect the tiny checkpoint's UNet"
-    mapping = comfy.utils.unet_to_diffusers(config.unet_config)   # diffusers key -> ComfyUI UNet key
-    generator = torch.Generator().manual_seed(0)
-    delta = {}
-    for diffusers_key, comfy_key in sorted(mapping.items()):
-        weight = state_dict.get(prefix + comfy_key)
-        if weight is not None:
-            delta[diffusers_key] = (torch.randn(weight.shape, generator=generator) * 1e-3).to(torch.float16)
-    assert len(delta) > 10, f"only {len(delta)} UNet keys mapped"
-    save_file(delta, out)
-    print(len(delta), "delta keys")
+    from support.comfyui import write_tiny_delta
+    write_tiny_delta(checkpoint, out)
     """
 )
 
 
 def write_delta(checkpoint: Path, out: Path) -> None:
-    """A small random delta with diffusers UNet key names for every weight of the tiny UNet (ComfyUI's own key map)."""
+    """support.comfyui.write_tiny_delta in ComfyUI's Python, for a test process that has not imported ComfyUI."""
     result = subprocess.run(
-        [_python(), "-c", DELTA_SCRIPT, str(comfyui_root()), str(checkpoint), str(out)],
+        [_python(), "-c", DELTA_SCRIPT, str(comfyui_root()), str(REPO_ROOT / "tests"), str(checkpoint), str(out)],
         capture_output=True,
         text=True,
         timeout=300,
