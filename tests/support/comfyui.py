@@ -16,6 +16,7 @@
 * ``model_folder(name, path)`` / ``output_directory(path)``: a ComfyUI model folder or the output folder pointed at a
   test's folder while a ``with`` block runs; ``state_dict_differences(actual, expected)``: what differs, tensor by tensor;
   ``run_output_node(node_class, hidden, **inputs)``: an output node called with its hidden inputs (prompt, workflow).
+* ``write_tiny_delta(checkpoint, out)``: a small random delta for every UNet weight, diffusers key names.
 
 The tiny checkpoint
 -------------------
